@@ -1,0 +1,1 @@
+"""The DINO feature-extraction service (FastAPI + onnxruntime; never imports torch)."""

@@ -1,0 +1,62 @@
+"""The ``dino`` command. Each subcommand lives in its own module and is imported only when used,
+so that the serving install (no torch) can run ``dino serve`` while ``dino train`` needs the
+``train`` extra.
+
+A command module exposes ``add_arguments(parser)`` and ``main(args) -> int`` (the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: name -> (module, one-line help, extra that provides its dependencies)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("training.train", "train DINO on an image folder (resumes if the output folder has a checkpoint)", "train"),
+    "knn": ("training.knn", "weighted k-NN evaluation of a checkpoint's teacher (DINO protocol)", "train"),
+    "export": ("training.export", "export a checkpoint's teacher backbone to an ONNX model folder", "train"),
+    "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),
+    "serve": ("service.server", "serve a model folder over HTTP", "serve"),
+    "index": ("service.index_cli", "build a gallery index offline", "serve"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dino <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    lines += ["", "Run 'dino <command> --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dino: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_, extra = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("training", "service"):
+            raise
+        print(
+            f"dino {name}: missing dependency {exc.name!r}; install the '{extra}' extra: pip install '.[{extra}]'",
+            file=sys.stderr,
+        )
+        return 1
+    parser = argparse.ArgumentParser(prog=f"dino {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"dino {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
