@@ -10,6 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from service.preprocess import ImageInputError, apply_exif_orientation, to_rgb
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -35,10 +37,12 @@ def find_images(root: str | os.PathLike) -> list[Path]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image fully (so that truncation is detected now) and convert it to RGB."""
+    """Open an image fully (so that truncation is detected now), apply its EXIF orientation and
+    convert it to RGB exactly as the service does (``service.preprocess``: alpha over white, 16-bit
+    and float greys scaled), so that training and serving see the same pixels."""
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(apply_exif_orientation(img))
 
 
 class UnlabelledImageFolder(Dataset):
@@ -58,7 +62,7 @@ class UnlabelledImageFolder(Dataset):
         path = self.files[index]
         try:
             image = load_rgb(path)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImageInputError) as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None
         return self.transform(image)

@@ -1,0 +1,256 @@
+"""``dino export``: ONNX graph contract, parity with PyTorch on real photos, model.json, fp16, visualisation.
+
+One tiny random-init ViT (vit_tiny, patch 16, 64 px) is saved as a ``dino train`` checkpoint and
+exported once through the CLI (module-scoped fixture); the tests then inspect that model folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from service import cli
+from training.augmentation import eval_transform
+from training.backbone import build_backbone
+from training.checkpoint import rng_state, save_checkpoint
+from training.config import TrainConfig
+from training.export import (
+    FP16_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    ExportError,
+    export_backbone,
+    load_checkpoint_teacher,
+    reference_outputs,
+    sha256_file,
+)
+from training.head import DINOHead
+from training.multicrop import MultiCropWrapper
+
+ARCH, PATCH, SIZE = "vit_tiny", 16, 64
+FP32_ATOL = 1e-4
+#: float16 compute vs float32 reference (values after LayerNorm are O(1))
+FP16_ATOL = {"embedding": 5e-2, "patch_tokens": 5e-2, "attention": 2e-3}
+PHOTOS = (
+    "n01440764_tench.JPEG",
+    "n01530575_brambling.JPEG",
+    "n01641577_bullfrog.JPEG",
+    "n03908714_pencil_sharpener.JPEG",  # grayscale (mode L)
+    "n01682714_American_chameleon.JPEG",
+)
+KNN = {"top1": 12.5, "top5": 40.0, "epoch": 3, "k": 20}
+
+
+def load_photos(data_dir: Path, size: int, resize: int | None = None, names=PHOTOS) -> torch.Tensor:
+    """Real ImageNet photos through the evaluation transform, as one batch."""
+    folder = data_dir / "imagenet-sample"
+    transform = eval_transform(size, resize)
+    return torch.stack([transform(Image.open(folder / n).convert("RGB")) for n in names])
+
+
+_SESSIONS: dict[Path, ort.InferenceSession] = {}
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """ONNX Runtime CPU outputs by name (one session per file for the whole module)."""
+    if path not in _SESSIONS:
+        _SESSIONS[path] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(OUTPUT_NAMES, _SESSIONS[path].run(list(OUTPUT_NAMES), {"image": images.numpy()})))
+
+
+def max_diffs(onnx_out: dict[str, np.ndarray], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(np.abs(onnx_out[k] - reference[k].numpy()).max()) for k in OUTPUT_NAMES}
+
+
+def _wrapper(seed: int) -> MultiCropWrapper:
+    torch.manual_seed(seed)
+    backbone = build_backbone(ARCH, PATCH, SIZE)
+    return MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, out_dim=32, hidden_dim=32, bottleneck_dim=16))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint with the exact layout ``dino train`` writes (student and teacher differ)."""
+    student, teacher = _wrapper(0), _wrapper(1)
+    config = TrainConfig(arch=ARCH, patch_size=PATCH, global_size=SIZE, local_size=32, out_dim=32)
+    optimizer = torch.optim.AdamW(student.parameters())
+    state = {
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "dino_loss": {"center": torch.zeros(1, 32)},
+        "epoch": 3,
+        "step": 42,
+        "config": config.to_dict(),
+        "rng": rng_state(),
+        "knn": KNN,
+        "history": [{"epoch": 3, "loss": 10.2}],
+    }
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pth"
+    save_checkpoint(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(checkpoint) -> torch.nn.Module:
+    """The teacher backbone, rebuilt without the export module's loader."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["teacher"]
+    with torch.device("meta"):  # no random init: the weights are assigned right away
+        backbone = build_backbone(ARCH, PATCH, SIZE)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, assign=True)
+    return backbone.eval()
+
+
+@pytest.fixture(scope="module")
+def export_run(checkpoint, tmp_path_factory) -> tuple[Path, str]:
+    """``dino export --fp16`` run once through the CLI: (model folder, what it printed)."""
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--fp16"]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(export_run) -> Path:
+    return export_run[0]
+
+
+def test_cli_prints_checker_size_and_time(export_run):
+    model_dir, printed = export_run
+    print(printed)
+    assert "onnx.checker passed" in printed and " MB" in printed and "exported in" in printed
+    meta = json.loads((model_dir / METADATA_FILE).read_text())
+    info = meta["export"][MODEL_FILE]
+    assert info["onnx_checker"] == "passed"
+    assert info["file_bytes"] == (model_dir / MODEL_FILE).stat().st_size
+    assert info["export_seconds"] > 0
+    assert max(info["ort_cpu_max_abs_diff"].values()) <= FP32_ATOL
+
+
+def test_model_json_contract(checkpoint, model_dir):
+    meta = json.loads((model_dir / METADATA_FILE).read_text())
+    assert meta["format_version"] == 1
+    assert meta["name"] == "tiny"
+    assert (meta["arch"], meta["patch_size"], meta["embed_dim"], meta["num_heads"]) == (ARCH, PATCH, 192, 3)
+    assert (meta["image_size"], meta["resize_size"]) == (SIZE, round(SIZE * 8 / 7))
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert meta["input_name"] == "image" and meta["dynamic_hw"] is True and meta["opset"] >= 18
+    assert meta["outputs"] == [
+        {"name": "embedding", "shape": ["batch", 192]},
+        {"name": "patch_tokens", "shape": ["batch", "num_patches", 192]},
+        {"name": "attention", "shape": ["batch", 3, "num_patches"]},
+    ]
+    assert meta["file"] == MODEL_FILE and meta["sha256"] == sha256_file(model_dir / MODEL_FILE)
+    assert meta["fp16_file"] == FP16_FILE and meta["fp16_sha256"] == sha256_file(model_dir / FP16_FILE)
+    prov = meta["provenance"]
+    assert prov["source_sha256"] == sha256_file(checkpoint)
+    assert prov["epoch"] == 3 and prov["knn"] == KNN
+    assert prov["training_config"]["arch"] == ARCH and prov["training_config"]["global_size"] == SIZE
+    assert {"exported_at", "torch_version", "timm_version"} <= set(prov)
+
+
+def test_onnx_checker_and_io_names(model_dir):
+    for filename in (MODEL_FILE, FP16_FILE):
+        onnx.checker.check_model(str(model_dir / filename), full_check=True)
+        graph = onnx.load(str(model_dir / filename)).graph
+        dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        assert [(v.name, dims(v)) for v in graph.input] == [("image", ["batch", 3, "height", "width"])]
+        assert [(v.name, dims(v)) for v in graph.output] == [
+            ("embedding", ["batch", 192]),
+            ("patch_tokens", ["batch", "num_patches", 192]),
+            ("attention", ["batch", 3, "num_patches"]),
+        ]
+        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp16 file too
+
+
+def test_loader_uses_teacher(checkpoint, teacher):
+    backbone, config, meta = load_checkpoint_teacher(checkpoint)
+    assert config["arch"] == ARCH and meta["epoch"] == 3 and meta["knn"] == KNN
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+
+
+def test_parity_on_real_photos_dynamic_batch(model_dir, teacher, data_dir):
+    images = load_photos(data_dir, SIZE)
+    reference = reference_outputs(teacher, images)
+    full = run_onnx(model_dir / MODEL_FILE, images)
+    single = run_onnx(model_dir / MODEL_FILE, images[:1])
+    assert full["embedding"].shape == (len(PHOTOS), 192)
+    assert full["patch_tokens"].shape == (len(PHOTOS), (SIZE // PATCH) ** 2, 192)
+    assert full["attention"].shape == (len(PHOTOS), 3, (SIZE // PATCH) ** 2)
+    diffs = max_diffs(full, reference)
+    print(f"fp32 parity at {SIZE}px, batch {len(PHOTOS)}: {diffs}")
+    assert max(diffs.values()) <= FP32_ATOL, diffs
+    assert max(max_diffs(single, {k: v[:1] for k, v in reference.items()}).values()) <= FP32_ATOL
+    # attention rows are softmax weights with the [CLS] column dropped (not renormalised)
+    sums = full["attention"].sum(-1)
+    assert np.all(full["attention"] >= 0) and np.all(sums <= 1 + 1e-5) and np.all(sums > 0)
+
+
+@pytest.mark.parametrize("height,width", [(96, 48), (32, 32)])
+def test_parity_at_other_resolutions(model_dir, teacher, data_dir, height, width):
+    """Dynamic H/W: the position embeddings are resampled (up and down) inside the graph like timm does."""
+    images = torch.nn.functional.interpolate(load_photos(data_dir, SIZE)[:3], size=(height, width), mode="bilinear")
+    out = run_onnx(model_dir / MODEL_FILE, images)
+    assert out["attention"].shape == (3, 3, (height // PATCH) * (width // PATCH))
+    diffs = max_diffs(out, reference_outputs(teacher, images))
+    print(f"fp32 parity at {height}x{width}: {diffs}")
+    assert max(diffs.values()) <= FP32_ATOL, diffs
+
+
+def test_fp16_model_close_to_fp32(model_dir, teacher, data_dir):
+    images = load_photos(data_dir, SIZE)
+    try:
+        out = run_onnx(model_dir / FP16_FILE, images)
+    except Exception as exc:  # CPU provider builds without float16 kernels
+        pytest.skip(f"ONNX Runtime CPU cannot run the float16 model here: {exc}")
+    assert all(v.dtype == np.float32 for v in out.values())
+    diffs = max_diffs(out, reference_outputs(teacher, images))
+    print(f"fp16 vs fp32 reference: {diffs}")
+    for name, atol in FP16_ATOL.items():
+        assert diffs[name] <= atol, diffs
+
+
+def test_library_rejects_old_opset_and_bad_size(tmp_path):
+    with torch.device("meta"):  # arguments are validated before the weights are touched
+        backbone = build_backbone(ARCH, PATCH, SIZE)
+    with pytest.raises(ExportError, match="opset"):
+        export_backbone(backbone, tmp_path, name="x", arch=ARCH, patch_size=PATCH, image_size=SIZE, opset=17)
+    with pytest.raises(ExportError, match="multiple of the patch size"):
+        export_backbone(backbone, tmp_path, name="x", arch=ARCH, patch_size=PATCH, image_size=SIZE + 1)
+
+
+def test_cli_errors_exit_nonzero_without_traceback(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    assert cli.main(["export", "--checkpoint", str(missing), "--output", str(tmp_path / "m")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    not_a_run = tmp_path / "weights.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 192)}, not_a_run)
+    assert cli.main(["export", "--checkpoint", str(not_a_run), "--output", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "not a 'dino train' checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "m" / METADATA_FILE).exists()
+
+
+def test_attention_grid_png(model_dir, tmp_path, data_dir):
+    from training.visualize import attention_grid, main as visualize_main
+
+    folder = data_dir / "imagenet-sample"
+    photos = [folder / PHOTOS[0], folder / PHOTOS[3]]
+    out = tmp_path / "grid.png"
+    assert visualize_main(["--model", str(model_dir), "--images", *map(str, photos), "--output", str(out), "--cell", "64"]) == 0
+    with Image.open(out) as png:
+        # rows: one per photo; columns: photo, mean overlay, 3 heads, thresholded mean
+        expected = attention_grid(model_dir, photos, tmp_path / "again.png", cell=64).size
+        assert png.size == expected
+        assert png.size[0] >= 6 * 64 and png.size[1] >= 2 * 64
