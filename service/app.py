@@ -1,0 +1,129 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds the app; its lifespan loads and warms up the model and opens the
+gallery before the server accepts requests (so /readyz answers 200 only once the model is warm),
+and closes everything at shutdown. ``create_app_from_env`` is the factory ``dino serve`` gives to
+uvicorn (settings from ``DINO_*`` environment variables).
+
+Errors: every error answer is JSON ``{"detail": ...}``. Client mistakes map to 4xx through the
+handlers below; anything unexpected is logged with its traceback and answered with a plain 500
+``{"detail": "internal server error"}`` (no traceback leaks to the client).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from service.batching import BatcherStoppedError, QueueFullError
+from service.index import GalleryReadOnlyError, UnknownImageError
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.preprocess import ImageInputError
+from service.routes import api_router, health_router, ui_router
+from service.settings import ServiceSettings
+from service.state import load_state
+from service.uploads import BodySizeLimitMiddleware
+
+log = logging.getLogger(__name__)
+
+API_DESCRIPTION = """Features of a DINO self-supervised Vision Transformer, served with onnxruntime.
+
+Images go in as multipart files in the field `images` or as JSON `{"images": ["<base64>", ...]}`.
+Every error is JSON `{"detail": ...}`. When the server has an API key (`DINO_API_KEY`), every route
+except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`.
+"""
+
+
+def _error(status: int, detail, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Map the service's exceptions to JSON answers (HTTPException/validation keep FastAPI's JSON)."""
+
+    @app.exception_handler(ImageInputError)
+    async def image_input_error(request: Request, exc: ImageInputError) -> JSONResponse:
+        return _error(exc.status_code, exc.detail)
+
+    @app.exception_handler(UnknownImageError)
+    async def unknown_image(request: Request, exc: UnknownImageError) -> JSONResponse:
+        return _error(404, f"no gallery image with id {exc.args[0]!r}" if exc.args else "no such gallery image")
+
+    @app.exception_handler(GalleryReadOnlyError)
+    async def read_only(request: Request, exc: GalleryReadOnlyError) -> JSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(BatcherStoppedError)
+    async def stopped(request: Request, exc: BatcherStoppedError) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal server error")
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the service app. The model folder is resolved now (a missing model fails here, clearly);
+    the model itself is loaded when the app starts (lifespan)."""
+    settings = settings or ServiceSettings()
+    model_dir = settings.resolved_model_dir()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await asyncio.to_thread(load_state, settings, metrics, model_dir)
+        app.state.service = state
+        await state.start()
+        log.info(
+            "ready: model %s on %s, gallery %s (%d images)",
+            state.model.name, state.model.provider, settings.index_dir or "in memory", state.index.size,
+        )
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await state.stop()
+
+    app = FastAPI(
+        title="DINO feature service",
+        description=API_DESCRIPTION,
+        version="1.0.0",
+        lifespan=lifespan,
+        # /docs and /openapi.json are served by ui_router, behind the API key like every other route
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.include_router(health_router)
+    app.include_router(api_router)
+    app.include_router(ui_router)
+    install_exception_handlers(app)
+
+    # add_middleware wraps what is there: the last added is the outermost
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn (``dino serve``): settings from the ``DINO_*`` environment."""
+    return create_app(ServiceSettings())

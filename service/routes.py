@@ -1,0 +1,362 @@
+"""HTTP routes. Handlers only parse, delegate to :class:`service.state.ServiceState` and format:
+decoding, inference, rendering and gallery disk work all run off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path as FilePath
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from PIL import Image
+
+from service import attention as attention_maps
+from service.dependencies import get_state, require_api_key
+from service.preprocess import PreparedImage
+from service.schemas import (
+    ERROR_RESPONSES,
+    AttentionResponse,
+    EmbedResponse,
+    HealthResponse,
+    IndexAddResponse,
+    IndexDeleteResponse,
+    IndexInfo,
+    NeighborsResponse,
+    ReadyResponse,
+)
+from service.state import ServiceState, l2_normalize
+from service.uploads import SINGLE_IMAGE_FIELDS, parse_labels, parse_metadata, read_upload, single_image
+
+STATIC_DIR = FilePath(__file__).resolve().parent / "static"
+#: the files GET /static/{name} may serve (never a path built from client input)
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+ID_PATTERN = r"^[0-9a-f]{32}$"
+ImageId = Annotated[str, Path(pattern=ID_PATTERN, description="gallery image id (32 hex digits)")]
+
+
+def _images_body(single: bool, gallery: bool = False) -> dict:
+    """OpenAPI request body of the image routes (parsed by hand to accept multipart or JSON)."""
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    encoded = {"type": "array", "items": {"type": "string", "description": "base64 image (a data: URL is fine)"}}
+    multipart = {"images": files}
+    json_props = {"images": encoded}
+    if gallery:
+        multipart["labels"] = {"type": "array", "items": {"type": "string"}, "description": "one label for all, or one per image"}
+        multipart["metadata"] = {"type": "string", "description": "JSON object for all images, or a JSON list of objects (one per image)"}
+        json_props["labels"] = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "null"]}}]}
+        json_props["metadata"] = {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": ["object", "null"]}}]}
+    note = "exactly one image" if single else "one or more images"
+    return {
+        "requestBody": {
+            "required": True,
+            "description": f"{note}: multipart files in the field 'images', or JSON with base64 strings",
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": multipart, "required": ["images"]}},
+                "application/json": {"schema": {"type": "object", "properties": json_props, "required": ["images"]}},
+            },
+        }
+    }
+
+
+async def _json_off_loop(state: ServiceState, build) -> Response:
+    """Build and serialise a (possibly large: patch tokens) JSON answer in the worker pool, not on the event loop."""
+    content = await state.run_blocking(lambda: json.dumps(build(), allow_nan=False, separators=(",", ":")).encode())
+    return Response(content=content, media_type="application/json")
+
+
+def _parse_head(head: str, heads: int) -> int | None:
+    if head == "mean":
+        return None
+    index = int(head)
+    if not 0 <= index < heads:
+        raise HTTPException(status_code=422, detail=f"head must be 'mean' or 0..{heads - 1}, got {head}")
+    return index
+
+
+def _check_k(k: int, state: ServiceState) -> None:
+    if k > state.settings.max_neighbors:
+        raise HTTPException(status_code=422, detail=f"k must be at most {state.settings.max_neighbors}")
+
+
+# --------------------------------------------------------------------------------------------------
+# health (never behind the API key)
+# --------------------------------------------------------------------------------------------------
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@health_router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    summary="Readiness: model loaded and warmed up",
+    responses={503: ERROR_RESPONSES[503]},
+)
+async def readyz(request: Request) -> dict:
+    state: ServiceState | None = request.app.state.service
+    if state is None or not state.ready:
+        raise HTTPException(status_code=503, detail="not ready: the model is loading or the server is stopping")
+    return {"status": "ready", "model": state.model.name, "provider": state.model.provider}
+
+
+# --------------------------------------------------------------------------------------------------
+# the API (behind the API key when one is set)
+# --------------------------------------------------------------------------------------------------
+
+api_router = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERROR_RESPONSES[401]})
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+@api_router.post(
+    "/embed",
+    tags=["features"],
+    response_model=EmbedResponse,
+    summary="[CLS] embeddings of one or more images",
+    openapi_extra=_images_body(single=False),
+    responses={k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
+)
+async def embed(
+    request: Request,
+    state: State,
+    normalize: Annotated[bool, Query(description="L2-normalise the embeddings")] = True,
+    patch_tokens: Annotated[bool, Query(description="also return the patch tokens [N, D] of each image")] = False,
+) -> Response:
+    upload = await read_upload(request, max_images=state.settings.max_images_per_request)
+    prepared = await state.prepare(upload.images, upload.names)
+    outputs = ["embedding", "patch_tokens"] if patch_tokens else ["embedding"]
+    results = await state.infer(prepared, outputs)
+
+    def build() -> dict:
+        embeddings = np.stack([r["embedding"] for r in results])
+        if normalize:
+            embeddings = l2_normalize(embeddings)
+        body = {"model": state.model.name, "dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
+        if patch_tokens:
+            body["patch_tokens"] = [r["patch_tokens"].tolist() for r in results]
+        return body
+
+    return await _json_off_loop(state, build)
+
+
+async def _attention_answer(
+    state: ServiceState, prepared: PreparedImage, head: str, fmt: str, threshold: float | None
+) -> Response:
+    spec = state.model.spec
+    head_index = _parse_head(head, spec.num_heads)
+    (result,) = await state.infer([prepared], ["attention"])
+    grid = spec.grid
+    attention_map = attention_maps.select_head(result["attention"], grid, head_index)
+    mask = attention_maps.mass_threshold_mask(attention_map, threshold) if threshold is not None else None
+    if fmt == "json":
+        body = {
+            "model": spec.name,
+            "grid": list(grid),
+            "heads": spec.num_heads,
+            "head": "mean" if head_index is None else head_index,
+            "attention": attention_map.tolist(),
+        }
+        if mask is not None:
+            body["mask"] = mask.tolist()
+        return JSONResponse(body)
+    png = await state.run_blocking(attention_maps.render_overlay, prepared.crop, attention_map, mask)
+    return Response(content=png, media_type="image/png")
+
+
+HeadQuery = Annotated[
+    str, Query(pattern=r"^(mean|\d{1,4})$", description="attention head index, or 'mean' for the average over heads")
+]
+FormatQuery = Annotated[
+    Literal["png", "json"], Query(description="png: heatmap over the input crop; json: the grid of weights")
+]
+ThresholdQuery = Annotated[
+    float | None, Query(gt=0, le=1, description="keep the patches holding this fraction of the attention mass (DINO)")
+]
+ATTENTION_RESPONSES = {
+    200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}},
+          "description": "the attention map (PNG overlay or JSON)"},
+}
+
+
+@api_router.post(
+    "/attention",
+    tags=["features"],
+    summary="DINO [CLS] attention map of one image",
+    openapi_extra=_images_body(single=True),
+    response_class=Response,
+    responses={**ATTENTION_RESPONSES, **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)}},
+)
+async def attention(
+    request: Request,
+    state: State,
+    head: HeadQuery = "mean",
+    format: FormatQuery = "png",
+    threshold: ThresholdQuery = None,
+) -> Response:
+    upload = await read_upload(request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS)
+    (prepared,) = await state.prepare([single_image(upload)], upload.names)
+    return await _attention_answer(state, prepared, head, format, threshold)
+
+
+async def _stored_crop(state: ServiceState, image_id: str) -> PreparedImage:
+    data = await state.run_blocking(state.index.read_image, image_id)
+
+    def decode() -> PreparedImage:
+        with Image.open(io.BytesIO(data)) as img:
+            return state.preprocessor.prepare_crop(img.convert("RGB"))
+
+    return await state.run_blocking(decode)
+
+
+@api_router.get(
+    "/attention/{image_id}",
+    tags=["features"],
+    summary="DINO [CLS] attention map of a gallery image (openable by URL)",
+    response_class=Response,
+    responses={**ATTENTION_RESPONSES, 404: {"description": "no such gallery image"}},
+)
+async def attention_of_stored(
+    image_id: ImageId,
+    state: State,
+    head: HeadQuery = "mean",
+    format: FormatQuery = "png",
+    threshold: ThresholdQuery = None,
+) -> Response:
+    prepared = await _stored_crop(state, image_id)
+    return await _attention_answer(state, prepared, head, format, threshold)
+
+
+def _neighbors_body(state: ServiceState, query: np.ndarray, k: int, exclude: str | None) -> dict:
+    found = state.index.search(query, k, exclude=exclude)
+    return {"neighbors": [{"id": n.id, "score": n.score, "label": n.label, "metadata": n.metadata} for n in found]}
+
+
+KQuery = Annotated[int, Query(ge=1, description="number of neighbours")]
+
+
+@api_router.post(
+    "/neighbors",
+    tags=["gallery"],
+    response_model=NeighborsResponse,
+    summary="Nearest gallery images of one image",
+    openapi_extra=_images_body(single=True),
+    responses={k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
+)
+async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
+    _check_k(k, state)
+    upload = await read_upload(request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS)
+    prepared = await state.prepare([single_image(upload)], upload.names)
+    (query,) = await state.embed(prepared)
+    return JSONResponse(await state.run_blocking(_neighbors_body, state, query, k, None))
+
+
+@api_router.get(
+    "/neighbors/{image_id}",
+    tags=["gallery"],
+    response_model=NeighborsResponse,
+    summary="Nearest gallery images of a gallery image (itself excluded)",
+    responses={404: {"description": "no such gallery image"}},
+)
+async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -> Response:
+    _check_k(k, state)
+    query = await state.run_blocking(state.index.embedding, image_id)
+    return JSONResponse(await state.run_blocking(_neighbors_body, state, query, k, image_id))
+
+
+@api_router.post(
+    "/index",
+    tags=["gallery"],
+    response_model=IndexAddResponse,
+    summary="Add images to the gallery (answered once durable)",
+    openapi_extra=_images_body(single=False, gallery=True),
+    responses={409: {"description": "the gallery is read-only"}, **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)}},
+)
+async def index_add(request: Request, state: State) -> dict:
+    upload = await read_upload(request, max_images=state.settings.max_images_per_request)
+    count = len(upload.images)
+    labels = parse_labels(upload, count, state.settings.max_label_chars)
+    metadata = parse_metadata(upload, count, state.settings.max_metadata_bytes)
+    prepared = await state.prepare(upload.images, upload.names)
+    embeddings = await state.embed(prepared)
+    thumbnails = await asyncio.gather(*(state.run_blocking(state.thumbnail, p.crop) for p in prepared))
+    ids = await state.run_blocking(state.index.add, embeddings, labels, metadata, thumbnails)
+    state.metrics.gallery_size.set(state.index.size)
+    return {"ids": ids}
+
+
+@api_router.get("/index", tags=["gallery"], response_model=IndexInfo, summary="Gallery size, dimension, model and index type")
+async def index_info(state: State) -> dict:
+    return state.index.info()
+
+
+@api_router.delete(
+    "/index/{image_id}",
+    tags=["gallery"],
+    response_model=IndexDeleteResponse,
+    summary="Remove an image from the gallery",
+    responses={404: {"description": "no such gallery image"}, 409: {"description": "the gallery is read-only"}},
+)
+async def index_delete(image_id: ImageId, state: State) -> dict:
+    await state.run_blocking(state.index.delete, image_id)
+    state.metrics.gallery_size.set(state.index.size)
+    return {"id": image_id, "deleted": True}
+
+
+@api_router.get(
+    "/index/{image_id}/image",
+    tags=["gallery"],
+    summary="The stored gallery image (the model's centre crop, JPEG)",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such gallery image"}},
+)
+async def index_image(image_id: ImageId, state: State) -> Response:
+    data = await state.run_blocking(state.index.read_image, image_id)
+    # an id always names the same image: let browsers cache it (privately: it may be behind the API key)
+    return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@api_router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    state: ServiceState | None = request.app.state.service
+    registry = request.app.state.metrics
+    if state is not None:
+        registry.gallery_size.set(state.index.size)
+    body, content_type = registry.render()
+    return Response(content=body, media_type=content_type)
+
+
+# --------------------------------------------------------------------------------------------------
+# the page and the API docs (behind the API key too: "every route but /healthz and /readyz")
+# --------------------------------------------------------------------------------------------------
+
+ui_router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+
+@ui_router.get("/", response_class=HTMLResponse)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@ui_router.get("/static/{name}")
+async def static_file(name: str) -> FileResponse:
+    if name not in STATIC_FILES:
+        raise HTTPException(status_code=404, detail="not found")
+    return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name])
+
+
+@ui_router.get("/openapi.json")
+async def openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@ui_router.get("/docs")
+async def docs(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - API docs")
+

@@ -1,0 +1,249 @@
+"""The ONNX model: a model folder (model.json + model.onnx) loaded into an onnxruntime session.
+
+The execution provider is chosen once at load: CUDA when asked for or, in ``auto`` mode, when a
+usable NVIDIA GPU is present; the CPU otherwise. onnxruntime silently falls back to the CPU when the
+CUDA libraries are missing, so the *active* providers are read back from the session and logged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+OUTPUT_NAMES = ("embedding", "patch_tokens", "attention")
+#: model.json format versions this service understands
+SUPPORTED_FORMAT_VERSIONS = (1,)
+HASH_CHUNK = 1 << 20
+
+
+class ModelLoadError(Exception):
+    """The model folder is unusable (bad model.json, checksum mismatch, wrong outputs, provider missing)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The parts of model.json the service relies on (validated at load)."""
+
+    name: str
+    arch: str
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_name: str
+    dynamic_hw: bool
+    file: str
+    sha256: str
+    fp16_file: str | None
+    fp16_sha256: str | None
+    raw: dict
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of an ``image_size`` input."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @classmethod
+    def from_json(cls, path: Path) -> "ModelSpec":
+        """Parse and validate ``model.json``."""
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read model metadata: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object")
+        version = raw.get("format_version", 1)
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise ModelLoadError(f"{path}: format_version {version} is not supported (known: {SUPPORTED_FORMAT_VERSIONS})")
+        try:
+            spec = cls(
+                name=str(raw["name"]),
+                arch=str(raw.get("arch", "unknown")),
+                patch_size=int(raw["patch_size"]),
+                embed_dim=int(raw["embed_dim"]),
+                num_heads=int(raw["num_heads"]),
+                image_size=int(raw["image_size"]),
+                resize_size=int(raw.get("resize_size") or round(int(raw["image_size"]) * 8 / 7)),
+                mean=tuple(float(v) for v in raw["mean"]),
+                std=tuple(float(v) for v in raw["std"]),
+                input_name=str(raw.get("input_name", "image")),
+                dynamic_hw=bool(raw.get("dynamic_hw", False)),
+                file=str(raw.get("file", "model.onnx")),
+                sha256=str(raw["sha256"]).lower(),
+                fp16_file=raw.get("fp16_file"),
+                fp16_sha256=(str(raw["fp16_sha256"]).lower() if raw.get("fp16_sha256") else None),
+                raw=raw,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: missing or invalid field {exc}") from exc
+        if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+            raise ModelLoadError(f"{path}: mean and std must be 3 values (std > 0)")
+        if spec.image_size <= 0 or spec.patch_size <= 0 or spec.image_size % spec.patch_size:
+            raise ModelLoadError(f"{path}: image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
+        for filename in (spec.file, spec.fp16_file):
+            # the file names come from a JSON file that may have been edited: keep them inside the folder
+            if filename is not None and (Path(filename).name != filename or filename in (".", "..")):
+                raise ModelLoadError(f"{path}: model file name {filename!r} must be a plain file name")
+        return spec
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def nvidia_gpu_present() -> bool:
+    """Best-effort check for an NVIDIA GPU, so that ``auto`` does not make onnxruntime print CUDA
+    library errors on machines without one. Outside Linux we cannot tell cheaply: assume yes and let
+    onnxruntime decide."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def choose_providers(requested: str) -> list[str]:
+    """Provider list to try for ``requested`` in {auto, cpu, cuda}."""
+    available = ort.get_available_providers()
+    if requested == "cpu":
+        return [CPU_PROVIDER]
+    if requested == "cuda":
+        if CUDA_PROVIDER not in available:
+            raise ModelLoadError(
+                f"provider 'cuda' asked for, but this onnxruntime build has no CUDA provider (available: {available}); "
+                "install onnxruntime-gpu or use provider 'auto'/'cpu'"
+            )
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if CUDA_PROVIDER in available and nvidia_gpu_present():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+class OnnxModel:
+    """An exported DINO backbone served by onnxruntime.
+
+    ``run(batch)`` takes normalised float32 images [B, 3, H, W] and returns a dict of the requested
+    outputs (``embedding`` [B, D], ``patch_tokens`` [B, N, D], ``attention`` [B, heads, N]) as float32.
+    Thread-safe: onnxruntime sessions may be run from several threads (the batcher uses one).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        provider: str = "auto",
+        use_fp16: bool = True,
+        verify_sha256: bool = True,
+        intra_op_threads: int = 0,
+    ):
+        self.model_dir = Path(model_dir)
+        self.spec = ModelSpec.from_json(self.model_dir / "model.json")
+        providers = choose_providers(provider)
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+
+        file, expected_sha = self.spec.file, self.spec.sha256
+        wants_fp16 = use_fp16 and CUDA_PROVIDER in providers and self.spec.fp16_file
+        if wants_fp16 and (self.model_dir / self.spec.fp16_file).is_file():
+            file, expected_sha = self.spec.fp16_file, self.spec.fp16_sha256
+        path = self.model_dir / file
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file missing")
+        if verify_sha256:
+            actual = sha256_file(path)
+            if expected_sha and actual != expected_sha:
+                raise ModelLoadError(
+                    f"{path}: sha256 {actual} does not match model.json ({expected_sha}); the folder is corrupt or was edited"
+                )
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {exc}") from exc
+        self.file = file
+        self.providers = self.session.get_providers()
+        if provider == "cuda" and CUDA_PROVIDER not in self.providers:
+            raise ModelLoadError(
+                "provider 'cuda' asked for, but onnxruntime could not start it (missing CUDA/cuDNN libraries or no GPU); "
+                "see the onnxruntime log above"
+            )
+        if CUDA_PROVIDER in providers and CUDA_PROVIDER not in self.providers:
+            log.warning("CUDA provider could not start (see onnxruntime's message above): falling back to the CPU")
+
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != self.spec.input_name:
+            raise ModelLoadError(f"{path}: expected one input named {self.spec.input_name!r}, found {[i.name for i in inputs]}")
+        self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        missing = [name for name in OUTPUT_NAMES if name not in self.output_names]
+        if missing:
+            raise ModelLoadError(f"{path}: outputs {missing} missing (found {list(self.output_names)})")
+        log.info(
+            "model %s (%s/%d, %d px, dim %d) loaded from %s; active execution provider: %s",
+            self.spec.name,
+            self.spec.arch,
+            self.spec.patch_size,
+            self.spec.image_size,
+            self.spec.embed_dim,
+            path,
+            self.providers[0],
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the model (the float32 file's checksum from model.json, whichever file is served)."""
+        return self.spec.sha256
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs the graph."""
+        return self.providers[0]
+
+    def run(self, batch: np.ndarray, outputs: Iterable[str] = OUTPUT_NAMES) -> dict[str, np.ndarray]:
+        """Run a batch [B, 3, H, W] of normalised images; returns the requested outputs as float32."""
+        names = [name for name in OUTPUT_NAMES if name in set(outputs)]
+        feed = {self.spec.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
+        results = self.session.run(names, feed)
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, results)}
+
+    def warm_up(self, batches: int = 2, batch_size: int = 1) -> float:
+        """Run a few dummy batches (allocations, kernel selection, CUDA context); returns the seconds spent."""
+        start = time.perf_counter()
+        size = self.spec.image_size
+        dummy = np.zeros((batch_size, 3, size, size), dtype=np.float32)
+        for _ in range(batches):
+            self.run(dummy)
+        seconds = time.perf_counter() - start
+        log.info("model warmed up (%d batches) in %.2f s", batches, seconds)
+        return seconds

@@ -1,0 +1,124 @@
+"""Service settings: environment variables with the prefix ``DINO_`` (pydantic-settings).
+
+Every knob of the service lives here, so that ``dino serve`` flags, environment variables and tests
+configure the same object. Example: ``DINO_MAX_BATCH_SIZE=64 DINO_API_KEY=secret dino serve``.
+List settings (``DINO_CORS_ORIGINS``) accept a JSON list or a comma-separated string.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: the repository (or installed tree) root: ``service/`` lives directly below it
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: where shipped model folders live; the first one (sorted by name) is the default model
+MODELS_DIR = REPO_ROOT / "models"
+#: the file that marks a complete model folder (written last by ``dino export``)
+MODEL_METADATA_FILE = "model.json"
+
+
+class ModelNotFoundError(Exception):
+    """No model folder was given and none is shipped, or the given folder is not a model folder."""
+
+
+def find_default_model(models_dir: Path = MODELS_DIR) -> Path:
+    """The first folder (sorted by name) below ``models_dir`` that holds a ``model.json``."""
+    candidates = sorted(p.parent for p in models_dir.glob(f"*/{MODEL_METADATA_FILE}")) if models_dir.is_dir() else []
+    if not candidates:
+        raise ModelNotFoundError(
+            f"no model given and no default model in {models_dir} (no */{MODEL_METADATA_FILE}); "
+            "pass --model models/NAME (or set DINO_MODEL_DIR) to a folder made by 'dino export' or 'dino import'"
+        )
+    return candidates[0]
+
+
+class ServiceSettings(BaseSettings):
+    """All settings of the feature-extraction service (environment prefix ``DINO_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DINO_", extra="ignore", protected_namespaces=())
+
+    # --- what to serve -------------------------------------------------------------------------
+    model_dir: Path | None = Field(None, description="model folder (model.json + model.onnx); default: first folder of <repo>/models")
+    index_dir: Path | None = Field(
+        None, description="gallery index folder (created if missing); default: an in-memory gallery that is lost on exit"
+    )
+    index_read_only: bool = Field(
+        False, description="serve the gallery without accepting changes (set automatically with --workers > 1)"
+    )
+
+    # --- HTTP server ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads the model)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    api_key: SecretStr | None = Field(
+        None, description="when set, every route but /healthz and /readyz needs 'Authorization: Bearer <key>'"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS; empty (the default) disables CORS"
+    )
+
+    # --- inference -----------------------------------------------------------------------------
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime execution provider; auto = CUDA when a usable GPU is present, else CPU"
+    )
+    use_fp16: bool = Field(True, description="serve model_fp16.onnx (when the folder has one) on the CUDA provider")
+    verify_sha256: bool = Field(True, description="check model.onnx against the sha256 recorded in model.json at load")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
+    max_batch_size: int = Field(32, ge=1, description="most images in one onnxruntime call")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long the first queued image waits for others to join its batch")
+    max_queue_size: int = Field(2048, ge=1, description="images waiting for inference before requests are refused with 503")
+    preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images off the event loop")
+    warmup_batches: int = Field(2, ge=0, description="inference calls made before /readyz answers 200")
+
+    # --- request limits ------------------------------------------------------------------------
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body (413 above)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest decoded image (width x height, read from the header before decoding; 413 above)"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 above)")
+    max_neighbors: int = Field(1000, ge=1, description="largest k of /neighbors")
+    max_label_chars: int = Field(256, ge=1, description="longest gallery label")
+    max_metadata_bytes: int = Field(16 * 1024, ge=2, description="largest JSON metadata of one gallery image")
+
+    # --- gallery -------------------------------------------------------------------------------
+    index_type: Literal["flat", "hnsw"] = Field(
+        "flat", description="flat: exact inner product; hnsw: approximate, for large galleries"
+    )
+    hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
+    hnsw_ef_construction: int = Field(200, ge=1, description="HNSW candidate list size while adding")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW candidate list size while searching (raised to k if smaller)")
+    index_compact_every: int = Field(
+        1000, ge=1, description="journal entries after which the gallery is compacted into a new snapshot"
+    )
+    thumbnail_size: int | None = Field(
+        None,
+        ge=8,
+        description="side of the stored gallery images (the model's centre crop); default: the model's image_size, "
+        "so that GET /attention/{id} sees exactly what the model saw",
+    )
+    thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the stored gallery images")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        """Accept a JSON list or a comma-separated string (the natural forms of an environment variable)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
+
+    def resolved_model_dir(self) -> Path:
+        """The model folder to serve: ``model_dir`` or the default shipped model; checked to hold a model.json."""
+        model_dir = self.model_dir if self.model_dir is not None else find_default_model()
+        if not (model_dir / MODEL_METADATA_FILE).is_file():
+            raise ModelNotFoundError(
+                f"{model_dir} is not a model folder (no {MODEL_METADATA_FILE}); make one with 'dino export' or 'dino import'"
+            )
+        return model_dir

@@ -1,0 +1,147 @@
+"""The running service: model, preprocessing pool, batcher, gallery and metrics, built at startup.
+
+:func:`load_state` does the blocking work (load + verify + warm up the model, open the gallery);
+the app's lifespan runs it in a thread and then starts the batcher. Request handlers reach the
+state through :func:`service.dependencies.get_state` and use its async helpers, which keep all
+decoding, inference and disk work off the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from service.batching import DynamicBatcher
+from service.index import EmbeddingIndex
+from service.metrics import ServiceMetrics
+from service.preprocess import ImageInputError, PreparedImage, Preprocessor, make_thumbnail
+from service.runtime import OnnxModel
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+#: guards the L2 normalisation of an all-zero embedding
+NORM_EPSILON = 1e-12
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, NORM_EPSILON)
+
+
+@dataclass
+class ServiceState:
+    """Everything a request handler needs."""
+
+    settings: ServiceSettings
+    model: OnnxModel
+    preprocessor: Preprocessor
+    batcher: DynamicBatcher
+    index: EmbeddingIndex
+    metrics: ServiceMetrics
+    pool: ThreadPoolExecutor
+    ready: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    async def run_blocking(self, fn, *args):
+        """Run ``fn(*args)`` in the service's worker pool (decoding, encoding, gallery disk work)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def prepare(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> list[PreparedImage]:
+        """Decode + transform images concurrently in the pool; a bad image fails the request with its position."""
+
+        def one(data: bytes) -> PreparedImage:
+            started = time.perf_counter()
+            try:
+                return self.preprocessor.prepare(data)
+            finally:
+                self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
+
+        results = await asyncio.gather(*(self.run_blocking(one, data) for data in images), return_exceptions=True)
+        for i, result in enumerate(results):
+            if isinstance(result, ImageInputError):
+                self.metrics.images.labels("rejected").inc()
+                if len(results) > 1 or (names and names[i]):
+                    where = f"image {i}" + (f" ({names[i]})" if names and names[i] else "")
+                    raise type(result)(f"{where}: {result.detail}") from result
+                raise result
+            if isinstance(result, BaseException):
+                raise result
+        self.metrics.images.labels("accepted").inc(len(results))
+        return list(results)
+
+    async def infer(self, prepared: Iterable[PreparedImage], outputs: Iterable[str]) -> list[dict[str, np.ndarray]]:
+        """Model outputs of prepared images through the dynamic batcher."""
+        return await self.batcher.infer([p.tensor for p in prepared], outputs)
+
+    async def embed(self, prepared: Sequence[PreparedImage]) -> np.ndarray:
+        """L2-normalised embeddings [n, D] of prepared images."""
+        results = await self.infer(prepared, ["embedding"])
+        return l2_normalize(np.stack([r["embedding"] for r in results]))
+
+    def thumbnail(self, crop: Image.Image) -> bytes:
+        """The stored gallery image: the model's crop (at ``thumbnail_size`` if set) as JPEG."""
+        return make_thumbnail(crop, self.settings.thumbnail_size, self.settings.thumbnail_quality)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        self.metrics.gallery_size.set(self.index.size)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+        self.pool.shutdown(wait=True)
+        self.index.close()
+
+
+def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Path | None = None) -> ServiceState:
+    """Load and warm up the model and open the gallery (blocking; run it in a thread)."""
+    model_dir = model_dir or settings.resolved_model_dir()
+    model = OnnxModel(
+        model_dir,
+        provider=settings.provider,
+        use_fp16=settings.use_fp16,
+        verify_sha256=settings.verify_sha256,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    model.warm_up(settings.warmup_batches)
+    index = EmbeddingIndex(
+        settings.index_dir,
+        dim=model.spec.embed_dim,
+        model_sha256=model.sha256,
+        model_name=model.name,
+        index_type=settings.index_type,
+        hnsw_m=settings.hnsw_m,
+        hnsw_ef_construction=settings.hnsw_ef_construction,
+        hnsw_ef_search=settings.hnsw_ef_search,
+        compact_every=settings.index_compact_every,
+        read_only=settings.index_read_only,
+    )
+    if settings.index_dir is None:
+        log.warning("no index folder given (--index / DINO_INDEX_DIR): the gallery is kept in memory and lost at exit")
+    metrics.model_info.labels(model.name, model.sha256, model.provider).set(1)
+    batcher = DynamicBatcher(
+        model,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_batch_wait_ms,
+        max_queue_size=settings.max_queue_size,
+        metrics=metrics,
+    )
+    return ServiceState(
+        settings=settings,
+        model=model,
+        preprocessor=Preprocessor.for_model(model.spec, settings.max_image_pixels),
+        batcher=batcher,
+        index=index,
+        metrics=metrics,
+        pool=ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="dino-preprocess"),
+    )

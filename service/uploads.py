@@ -1,0 +1,280 @@
+"""Reading images (and gallery fields) out of request bodies, within the configured limits.
+
+Two body formats are accepted by every image route:
+
+- ``multipart/form-data`` with one or more files in the field ``images`` (single-image routes also
+  accept the field name ``image``);
+- ``application/json``: ``{"images": ["<base64>", ...]}`` (a ``data:image/...;base64,`` prefix is
+  allowed), plus ``labels``/``metadata`` for ``POST /index``.
+
+The body size is capped by :class:`BodySizeLimitMiddleware` while it is received: a declared
+``Content-Length`` above the limit is refused before reading anything, and a body that streams past
+the limit (chunked upload, lying header) is cut off as soon as it does, without buffering the rest.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import HTTPException, Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MULTIPART = "multipart/form-data"
+JSON_TYPES = ("application/json",)
+IMAGES_FIELD = "images"
+SINGLE_IMAGE_FIELDS = ("images", "image")
+#: methods whose bodies the size limit applies to
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class BodyTooLarge(HTTPException):
+    """The request body exceeds ``max_upload_bytes`` (HTTP 413). An HTTPException so that it passes
+    unchanged through FastAPI/Starlette body parsing when raised from inside ``receive``."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413, detail=f"request body too large: the limit is {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI middleware enforcing a maximum request body size while the body streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, "invalid Content-Length header")
+                    return
+        if declared is not None and declared > self.max_bytes:
+            await _send_json(send, 413, BodyTooLarge(self.max_bytes).detail)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class UploadError(HTTPException):
+    """A malformed request body (HTTP 415 for a wrong content type, 422 otherwise, 413 for too many images)."""
+
+    def __init__(self, detail: str, status_code: int = 422):
+        super().__init__(status_code=status_code, detail=detail)
+
+
+@dataclass
+class Upload:
+    """Images of a request (raw bytes, in request order) and its other fields.
+
+    ``fields`` holds the other multipart fields (name -> list of string values); ``json_body`` the
+    parsed JSON object of a JSON request.
+    """
+
+    images: list[bytes]
+    names: list[str]
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    json_body: dict[str, Any] | None = None
+
+    def describe(self, i: int) -> str:
+        """How error messages refer to image ``i``."""
+        name = self.names[i]
+        return f"image {i}" + (f" ({name})" if name else "")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json_loads(text: str | bytes) -> Any:
+    """json.loads without the NaN/Infinity extensions (they could not be sent back as JSON)."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_upload(request: Request, *, max_images: int, field_names: tuple[str, ...] = (IMAGES_FIELD,)) -> Upload:
+    """Parse the images (and other fields) of a multipart or JSON request body."""
+    media_type = _media_type(request)
+    if request.headers.get("content-length") == "0":
+        raise UploadError(f"empty request body: send the images as multipart/form-data files in the field '{field_names[0]}' "
+                          "or as JSON {\"images\": [\"<base64>\", ...]}")
+    if media_type == MULTIPART:
+        upload = await _read_multipart(request, max_images, field_names)
+    elif media_type in JSON_TYPES or media_type.endswith("+json"):
+        upload = await _read_json(request, max_images)
+    elif not media_type and not await request.body():
+        raise UploadError("empty request body: send the images as multipart/form-data or JSON")
+    else:
+        raise UploadError(
+            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with files in the field "
+            f"'{field_names[0]}', or application/json {{\"images\": [\"<base64>\", ...]}}",
+            status_code=415,
+        )
+    if not upload.images:
+        raise UploadError(f"no image in the request: expected files in the multipart field '{field_names[0]}'"
+                          + (f" (got fields {sorted(upload.fields)})" if upload.fields else ""))
+    return upload
+
+
+async def _read_multipart(request: Request, max_images: int, field_names: tuple[str, ...]) -> Upload:
+    try:
+        form = await request.form(max_files=max_images, max_fields=1000)
+    except StarletteHTTPException as exc:
+        # Starlette refuses more than max_files files with a 400; that is our "too many images"
+        if exc.status_code == 400 and "Too many files" in str(exc.detail):
+            raise UploadError(f"too many images: at most {max_images} per request", status_code=413) from exc
+        raise
+    try:
+        images, names = [], []
+        fields: dict[str, list[str]] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in field_names:
+                    fields.setdefault(key, []).append(f"<file {value.filename or ''}>")
+                    continue
+                images.append(await value.read())
+                names.append(value.filename or "")
+            else:
+                if key in field_names:
+                    raise UploadError(f"field '{key}' must hold image files, not text (use JSON for base64 images)")
+                fields.setdefault(key, []).append(value)
+        if len(images) > max_images:
+            raise UploadError(f"too many images: {len(images)}, at most {max_images} per request", status_code=413)
+        return Upload(images=images, names=names, fields=fields)
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request, max_images: int) -> Upload:
+    body = await request.body()
+    if not body:
+        raise UploadError("empty request body: expected JSON {\"images\": [\"<base64>\", ...]}")
+    try:
+        data = strict_json_loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UploadError(f"invalid JSON body: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get(IMAGES_FIELD), list):
+        raise UploadError("JSON body must be an object with a list 'images' of base64-encoded images")
+    encoded = data[IMAGES_FIELD]
+    if len(encoded) > max_images:
+        raise UploadError(f"too many images: {len(encoded)}, at most {max_images} per request", status_code=413)
+    images = []
+    for i, item in enumerate(encoded):
+        if not isinstance(item, str):
+            raise UploadError(f"images[{i}] must be a base64 string")
+        if item.startswith("data:") and "," in item:  # data URL from a browser: data:image/png;base64,....
+            item = item.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode("".join(item.split()), validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise UploadError(f"images[{i}] is not valid base64: {exc}") from exc
+    return Upload(images=images, names=[""] * len(images), json_body=data)
+
+
+def single_image(upload: Upload) -> bytes:
+    """The one image of a single-image route (422 otherwise)."""
+    if len(upload.images) != 1:
+        raise UploadError(f"this route takes exactly one image, got {len(upload.images)}")
+    return upload.images[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gallery fields of POST /index
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_image(values: list, count: int, what: str) -> list:
+    """One value for all images, or exactly one per image."""
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise UploadError(f"{what}: got {len(values)} values for {count} images (give one for all, or one per image)")
+    return values
+
+
+def parse_labels(upload: Upload, count: int, max_chars: int) -> list[str | None]:
+    """Labels of ``POST /index``: repeated ``labels`` fields, one JSON list, or JSON ``"labels"``
+    (a string for every image or a list aligned with the images). Missing -> None for every image."""
+    if upload.json_body is not None:
+        raw = upload.json_body.get("labels")
+        if raw is None:
+            return [None] * count
+        values = [raw] if isinstance(raw, str) else raw
+        if not isinstance(values, list):
+            raise UploadError("labels must be a string or a list of strings")
+    else:
+        values = upload.fields.get("labels", [])
+        if not values:
+            return [None] * count
+        if len(values) == 1 and values[0].lstrip().startswith("["):
+            try:
+                values = strict_json_loads(values[0])
+            except ValueError as exc:
+                raise UploadError(f"labels: invalid JSON list: {exc}") from exc
+            if not isinstance(values, list):
+                raise UploadError("labels must be a list of strings")
+    labels = _per_image(list(values), count, "labels")
+    for i, label in enumerate(labels):
+        if label is not None and not isinstance(label, str):
+            raise UploadError(f"labels[{i}] must be a string or null")
+        if label is not None and len(label) > max_chars:
+            raise UploadError(f"labels[{i}] is longer than {max_chars} characters")
+    return labels
+
+
+def parse_metadata(upload: Upload, count: int, max_bytes: int) -> list[dict | None]:
+    """Metadata of ``POST /index``: JSON per image, as one object (for every image) or a list aligned
+    with the images, in the ``metadata`` field (multipart: one JSON text, or one JSON object per image)
+    or the JSON body's ``"metadata"``. Each entry must be a JSON object (or null)."""
+    if upload.json_body is not None:
+        raw = upload.json_body.get("metadata")
+        if raw is None:
+            return [None] * count
+        values = raw if isinstance(raw, list) else [raw]
+    else:
+        texts = upload.fields.get("metadata", [])
+        if not texts:
+            return [None] * count
+        parsed = []
+        for i, text in enumerate(texts):
+            try:
+                parsed.append(strict_json_loads(text))
+            except ValueError as exc:
+                raise UploadError(f"metadata{'' if len(texts) == 1 else f'[{i}]'} is not valid JSON: {exc}") from exc
+        values = parsed[0] if len(parsed) == 1 and isinstance(parsed[0], list) else parsed
+    entries = _per_image(list(values), count, "metadata")
+    for i, entry in enumerate(entries):
+        if entry is not None and not isinstance(entry, dict):
+            raise UploadError(f"metadata[{i}] must be a JSON object or null, got {type(entry).__name__}")
+        if entry is not None and len(json.dumps(entry)) > max_bytes:
+            raise UploadError(f"metadata[{i}] is larger than {max_bytes} bytes of JSON")
+    return entries
