@@ -228,6 +228,15 @@ def test_short_training_run_on_real_images(image_folder, tmp_path, data_dir):
     assert all(math.isfinite(r["loss"]) and 0 < r["teacher_entropy"] < r["teacher_entropy_max"] for r in epochs)
     assert ckpt["knn"]["top1"] == knn[-1]["top1"]
 
+    # the same protocol from the command line, for the checkpoint and for the pixel baseline
+    split = ["--train", str(data_dir / "cifar10" / "train"), "--val", str(knn_root), "--max-images", "40"]
+    assert dino(["knn", "--checkpoint", str(out / "checkpoint.pth"), *split]) == 0
+    result = json.loads((out / "knn.json").read_text())
+    assert result["top1"] == pytest.approx(knn[-1]["top1"]) and result["n_val"] == 40
+    assert dino(["knn", "--baseline", "pixels", "--image-size", "32", *split, "--output", str(tmp_path / "px.json")]) == 0
+    assert 0 < json.loads((tmp_path / "px.json").read_text())["top1"] <= 100
+    assert dino(["knn", "--checkpoint", str(tmp_path / "nope.pth"), *split]) == 1
+
 
 def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--data", str(data), "--output-dir", str(out),
