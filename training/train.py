@@ -418,7 +418,7 @@ class Trainer:
         from training.plots import plot_curves
 
         plot_curves(self.out / LOG_NAME, self.out / CURVES_NAME,
-                    title=f"DINO {self.cfg.arch}/{self.cfg.patch_size} on {Path(self.cfg.data).name}")
+                    title=f"DINO {self.cfg.arch}/{self.cfg.patch_size} on {'/'.join(Path(self.cfg.data).resolve().parts[-2:])}")
 
 
 # ---------------------------------------------------------------- command line: dino train
