@@ -40,3 +40,15 @@ def build_backbone(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
         dynamic_img_size=True,  # local crops: position embeddings interpolated to their grid
         drop_path_rate=drop_path_rate,
     )
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused ``scaled_dot_product_attention`` on or off in every attention block.
+
+    On the CPU, for the short token sequences of DINO's crops (65 and 17 tokens at 32/16 px with
+    patch 4), the explicit softmax(QK^T)V path trains faster than the fused kernel, whose backward
+    pass dominates (measured by ``benchmarks/train_throughput.py``); on CUDA the fused kernel wins.
+    """
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled

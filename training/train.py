@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from training.augmentation import MultiCropAugmentation
-from training.backbone import build_backbone
+from training.backbone import build_backbone, set_fused_attention
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
 from training.data import DataError, UnlabelledImageFolder, collate_skip_none
@@ -187,6 +187,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         student, teacher = build_student_teacher(cfg)
+        for model in (student, teacher):
+            set_fused_attention(model, enabled=self.device.type == "cuda")
         if self.world_size > 1 and cfg.head_bn and self.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
