@@ -103,6 +103,15 @@ class ServiceSettings(BaseSettings):
     )
     thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the stored gallery images")
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        """``DINO_API_KEY=`` (set but empty, as compose files and shells often leave it) means no key,
+        not "require an empty bearer token", which would lock every client out."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value):

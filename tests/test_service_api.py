@@ -482,6 +482,8 @@ def test_settings_default_model_and_environment(tmp_path, monkeypatch, model_dir
     assert settings.cors_origins == ["http://a.test", "http://b.test"]
     assert settings.max_batch_size == 7 and settings.api_key.get_secret_value() == "sk-unique-7731"
     assert "sk-unique-7731" not in repr(settings)  # the key is a secret, never printed
+    monkeypatch.setenv("DINO_API_KEY", "")
+    assert ServiceSettings().api_key is None  # set but empty: no key, not an empty bearer token
 
 
 def test_service_never_imports_torch():

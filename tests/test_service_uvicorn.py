@@ -26,8 +26,8 @@ MAX_UPLOAD = 1_000_000
 def test_real_server_every_route_auth_limits_and_restart(model_dir, tmp_path):
     gallery = tmp_path / "gallery"
     env = {"DINO_API_KEY": API_KEY, "DINO_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "DINO_WARMUP_BATCHES": "1"}
+    photos = [photo_bytes(i) for i in (0, 1, 2, 3)]  # before the server: a skip here must not leak it
     server = ServerProcess(model_dir, tmp_path / "server.log", index_dir=gallery, env=env).start()
-    photos = [photo_bytes(i) for i in (0, 1, 2, 3)]
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.get("/healthz").json() == {"status": "alive"}
