@@ -21,15 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from service.index import MANIFEST_FILE, EmbeddingIndex, GalleryError
-from service.preprocess import ImageInputError, Preprocessor, make_thumbnail
+from service.preprocess import IMAGE_EXTENSIONS, ImageInputError, Preprocessor, list_image_files, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
 from service.state import l2_normalize
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"})
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -42,11 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="decoding threads")
     build.add_argument("--index-type", choices=["flat", "hnsw"], default=None, help="default: DINO_INDEX_TYPE or flat")
     build.add_argument("--provider", choices=["auto", "cpu", "cuda"], default=None, help="default: DINO_PROVIDER or auto")
-
-
-def find_images(root: Path) -> list[Path]:
-    """Image files below ``root`` (recursive, sorted)."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def label_of(path: Path, root: Path) -> str | None:
@@ -69,7 +61,7 @@ def build_index(
     """Embed every image below ``images_dir`` into the index folder ``output``; returns counts."""
     if not images_dir.is_dir():
         raise GalleryError(f"image folder {images_dir} does not exist")
-    files = find_images(images_dir)
+    files = list_image_files(images_dir)
     if not files:
         raise GalleryError(f"no images in {images_dir} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if (output / MANIFEST_FILE).exists() and not append:

@@ -43,10 +43,19 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
+
+#: file extensions treated as images when a folder is scanned (training data, gallery builds)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"})
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Image files below ``root`` (recursive, sorted so that every run sees the same order)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 Image.init()
 #: Pillow formats accepted from clients: pure raster decoders (no plugin that runs external programs)

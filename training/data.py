@@ -10,11 +10,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from service.preprocess import ImageInputError, apply_exif_orientation, to_rgb
+from service.preprocess import IMAGE_EXTENSIONS, ImageInputError, apply_exif_orientation, list_image_files, to_rgb
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
 class DataError(Exception):
@@ -28,7 +26,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         raise DataError(f"data folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {str(root)!r} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_image_files(root)
     if not files:
         raise DataError(
             f"no images found in {str(root)!r} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"

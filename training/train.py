@@ -128,7 +128,7 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher = m * teacher + (1 - m) * student, over parameters (Eq. in Sec. 3.1)."""
-    t_params = [p for p in teacher.parameters()]
+    t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
@@ -344,7 +344,8 @@ class Trainer:
             self.sampler.set_epoch(epoch, skip_steps * self.batch_per_rank)
             self.monitor.reset()
             summary = self.train_epoch(epoch, skip_steps)
-            self.run_knn(epoch + 1) if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs else None
+            if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+                self.run_knn(epoch + 1)
             self.save(epoch + 1)
             if self.main:
                 self.write_curves()
