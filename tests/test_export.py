@@ -48,6 +48,7 @@ PHOTOS = (
     "n01682714_American_chameleon.JPEG",
 )
 KNN = {"top1": 12.5, "top5": 40.0, "epoch": 3, "k": 20}
+KNN_EVAL = {"top1": 14.0, "top5": 45.5, "epoch": 3, "n_train": 8969, "n_val": 3925}
 
 
 def load_photos(data_dir: Path, size: int, resize: int | None = None, names=PHOTOS) -> torch.Tensor:
@@ -114,9 +115,12 @@ def teacher(checkpoint) -> torch.nn.Module:
 def export_run(checkpoint, tmp_path_factory) -> tuple[Path, str]:
     """``dino export --fp16`` run once through the CLI: (model folder, what it printed)."""
     out = tmp_path_factory.mktemp("models") / "tiny"
+    knn_result = checkpoint.parent / "knn.json"  # what 'dino knn --checkpoint' writes
+    knn_result.write_text(json.dumps(KNN_EVAL))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--fp16"]) == 0
+        assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--fp16",
+                         "--knn-result", str(knn_result)]) == 0
     return out, printed.getvalue()
 
 
@@ -154,7 +158,7 @@ def test_model_json_contract(checkpoint, model_dir):
     assert meta["fp16_file"] == FP16_FILE and meta["fp16_sha256"] == sha256_file(model_dir / FP16_FILE)
     prov = meta["provenance"]
     assert prov["source_sha256"] == sha256_file(checkpoint)
-    assert prov["epoch"] == 3 and prov["knn"] == KNN
+    assert prov["epoch"] == 3 and prov["knn"] == KNN and prov["knn_eval"] == KNN_EVAL
     assert prov["training_config"]["arch"] == ARCH and prov["training_config"]["global_size"] == SIZE
     assert {"exported_at", "torch_version", "timm_version"} <= set(prov)
 
@@ -239,6 +243,18 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(not_a_run), "--output", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "not a 'dino train' checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "m" / METADATA_FILE).exists()
+
+
+def test_knn_result_of_another_epoch_is_refused(checkpoint, tmp_path, capsys):
+    stale = tmp_path / "knn.json"
+    stale.write_text(json.dumps({**KNN_EVAL, "epoch": 2}))
+    args = ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m"), "--knn-result", str(stale)]
+    assert cli.main(args) == 1
+    assert "evaluates epoch 2, but the checkpoint is at epoch 3" in capsys.readouterr().err
+    stale.write_text("not json")
+    assert cli.main(args) == 1
+    assert "cannot read a JSON result" in capsys.readouterr().err
     assert not (tmp_path / "m" / METADATA_FILE).exists()
 
 

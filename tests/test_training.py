@@ -280,10 +280,15 @@ def test_corrupt_files_are_skipped_and_counted(image_folder, tmp_path):
     assert skipped == 3 and crops[0].shape == (24, 3, 32, 32)
 
     out = tmp_path / "run"
+    # a log left by an earlier run whose checkpoint was deleted must not leak into this run's curves
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"type": "knn", "epoch": 0, "top1": 99.0}\n')
     assert dino(["train", "--data", str(image_folder), "--output-dir", str(out), "--epochs", "1", *TINY_RUN,
-                 "--batch-size", "9"]) == 0
+                 "--batch-size", "9", "--knn-every", "0"]) == 0
     assert load_checkpoint(out / "checkpoint.pth")["skipped_images"] == 3
     assert "3 unreadable image(s) skipped" in (out / "train.log").read_text()
+    assert "99.0" not in (out / "log.jsonl").read_text()
+    assert "99.0" in (out / "log.jsonl.previous").read_text()
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys):
@@ -296,3 +301,5 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert dino(["train", "--output-dir", str(tmp_path / "o")]) == 2
     assert "--data is required" in capsys.readouterr().err
     assert dino(["train", "--data", str(tmp_path), "--device", "tpu"]) == 2
+    assert dino(["train", "--data", str(tmp_path), "--knn-every", "-1"]) == 2
+    assert "knn_every must be >= 0" in capsys.readouterr().err

@@ -67,7 +67,7 @@ class TrainConfig:
     # k-NN monitoring during training (DINO protocol)
     knn_train: str = ""  #: labelled ImageFolder used as the k-NN gallery
     knn_val: str = ""  #: labelled ImageFolder used as queries
-    knn_every: int = 1  #: evaluate every K epochs (and before training)
+    knn_every: int = 1  #: evaluate every K epochs (and before training); 0: only at the end
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_max_images: int = 0  #: cap per split (0: all), evenly across classes
@@ -85,6 +85,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.local_crops < 0:
             raise ValueError("local_crops must be >= 0")
+        if self.knn_every < 0:
+            raise ValueError("knn_every must be >= 0 (0: only at the end)")
 
     @property
     def ncrops(self) -> int:

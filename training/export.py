@@ -528,6 +528,7 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by 'dino train' (RUN/checkpoint.pth)")
     parser.add_argument("--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)")
+    parser.add_argument("--knn-result", default=None, help="JSON written by 'dino knn --checkpoint' for this checkpoint, recorded in model.json")
     add_export_options(parser)
 
 
@@ -559,12 +560,27 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def read_knn_result(path: str | Path, meta: dict) -> dict:
+    """A ``dino knn --checkpoint`` result file, checked to belong to the exported checkpoint (same epoch)."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--knn-result {path}: cannot read a JSON result ({exc})") from exc
+    if not isinstance(result, dict) or not {"top1", "top5", "epoch"} <= set(result):
+        raise ExportError(f"--knn-result {path}: not a 'dino knn --checkpoint' result (needs top1, top5, epoch)")
+    if result["epoch"] != meta.get("epoch"):
+        raise ExportError(f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}")
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         backbone, config, meta = load_checkpoint_teacher(args.checkpoint)
         output = Path(args.output)
         provenance = {**meta, "training_config": config}
+        if args.knn_result:
+            provenance["knn_eval"] = read_knn_result(args.knn_result, meta)
         metadata = export_backbone(
             backbone,
             output,

@@ -145,6 +145,15 @@ class JsonlLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def set_aside(self) -> Path | None:
+        """Move a log left by an earlier run (whose checkpoint is gone) to ``*.previous``, so that
+        the curves of a fresh run do not mix two runs. Returns where it went, if anywhere."""
+        if not (self.enabled and self.path.exists()):
+            return None
+        previous = self.path.with_name(self.path.name + ".previous")
+        self.path.replace(previous)
+        return previous
+
 
 # ---------------------------------------------------------------- training
 
@@ -245,6 +254,9 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
         if not path.exists():
+            previous = self.log.set_aside()
+            if previous is not None:
+                log.info("no checkpoint in %s: starting afresh; the earlier run's log is now %s", self.out, previous)
             return
         ckpt = load_checkpoint(path)
         self.student_module.load_state_dict(ckpt["student"])
@@ -344,7 +356,7 @@ class Trainer:
             self.sampler.set_epoch(epoch, skip_steps * self.batch_per_rank)
             self.monitor.reset()
             summary = self.train_epoch(epoch, skip_steps)
-            if (epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs:
+            if epoch + 1 == cfg.epochs or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
                 self.run_knn(epoch + 1)
             self.save(epoch + 1)
             if self.main:
