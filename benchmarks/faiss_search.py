@@ -31,12 +31,17 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
 
 try:
     import faiss
@@ -125,43 +130,11 @@ def rss_mb() -> float | None:
 
 # ------------------------------------------------------------------------------------------ machine
 def machine_info(threads: int) -> dict:
-    cpu_model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        affinity = os.cpu_count()
-    try:
-        load = list(os.getloadavg())
-    except OSError:  # pragma: no cover
-        load = None
-    mem_total_gb = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    mem_total_gb = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    compile_opts = faiss.get_compile_options() if hasattr(faiss, "get_compile_options") else None
+    """The shared machine description plus FAISS's version, build options and threads."""
     return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "mem_total_gb": mem_total_gb,
-        "loadavg_at_start": load,
+        **shared_machine_info(),
         "faiss_version": faiss.__version__,
-        "faiss_compile_options": compile_opts,
+        "faiss_compile_options": faiss.get_compile_options() if hasattr(faiss, "get_compile_options") else None,
         "numpy_version": np.__version__,
         "omp_threads": threads,
     }

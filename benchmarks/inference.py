@@ -29,11 +29,9 @@ Writes ``benchmarks/results/inference_cpu.json`` (``inference_cuda.json`` with `
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,6 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -63,21 +63,8 @@ def machine_info(provider: str) -> dict:
     import timm
     import torch
 
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        **shared_machine_info(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "onnxruntime": ort.__version__,

@@ -43,7 +43,6 @@ import asyncio
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -61,9 +60,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
+from service.preprocess import list_image_files  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -202,25 +203,10 @@ def summarise_py_spy(path: Path, top: int = 25) -> dict:
 
 
 def machine_info() -> dict:
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu_model = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
-    except OSError:
-        pass
+    """The shared machine description plus onnxruntime's version and providers."""
     import onnxruntime as ort
 
-    return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "onnxruntime": ort.__version__,
-        "ort_available_providers": ort.get_available_providers(),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
+    return {**shared_machine_info(), "onnxruntime": ort.__version__, "ort_available_providers": ort.get_available_providers()}
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -260,9 +246,9 @@ def load_photos(limit: int) -> list[tuple[str, bytes]]:
     folder = DATA_DIR / "imagenet-sample"
     if not folder.is_dir():
         sys.exit(f"no photos: {folder} is missing (set DINO_DATA_DIR to the folder holding imagenet-sample/)")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = list_image_files(folder)[:limit]
     if not files:
-        sys.exit(f"no JPEG/PNG files in {folder}")
+        sys.exit(f"no image files in {folder}")
     return [(p.name, p.read_bytes()) for p in files]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_info  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "train_throughput_{device}.json"))
     args = parser.parse_args()
     precisions = args.precisions or (["fp32", "bf16"] if args.device == "cpu" else ["bf16"])
+    machine = machine_info()  # before the run, so that its load average is the machine's, not ours
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions:
@@ -92,7 +93,7 @@ def main() -> int:
             r = measure(cfg, args.warmup, args.steps)
             rows.append({"config": args.device, "precision": precision, **r})
             print(f"{precision}: {r['img_s']:.1f} img/s", file=sys.stderr)
-    print(f"\n| config | precision | img/s | s/step | data wait | peak memory (GB) |")
+    print("\n| config | precision | img/s | s/step | data wait | peak memory (GB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['precision']} | {r['img_s']:.1f} | {r['step_s']:.2f} | "
@@ -107,7 +108,7 @@ def main() -> int:
         "benchmark": "train_throughput", "config": CONFIGS[args.device], "steps": args.steps,
         "warmup": args.warmup, "num_workers": args.num_workers, "results": rows,
         "reference_cpu": REFERENCE_CPU if args.device == "cpu" else None,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+        "machine": {**machine, "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "load_average_at_end": os.getloadavg(),
     }, indent=2))

@@ -599,7 +599,7 @@ class EmbeddingIndex:
         valid_end = 0
         position = 0
         for line in data.splitlines(keepends=True):
-            start, position = position, position + len(line)
+            position += len(line)
             record = _decode_journal_line(line.rstrip(b"\n")) if line.endswith(b"\n") else None
             if record is None or not self._apply_record(record):
                 skipped += 1

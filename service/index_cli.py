@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.index import MANIFEST_FILE, EmbeddingIndex, GalleryError
+from service.index import MANIFEST_FILE, GalleryError
 from service.preprocess import IMAGE_EXTENSIONS, ImageInputError, Preprocessor, list_image_files, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
-from service.state import l2_normalize
+from service.state import l2_normalize, open_index
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,11 @@ def build_index(
         raise GalleryError(f"no images in {images_dir} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if (output / MANIFEST_FILE).exists() and not append:
         raise GalleryError(f"{output} already holds a gallery index; pass --append to add to it, or choose a new folder")
-    index = EmbeddingIndex(
+    index = open_index(
+        settings,
+        model,
         output,
-        dim=model.spec.embed_dim,
-        model_sha256=model.sha256,
-        model_name=model.name,
-        index_type=settings.index_type,
-        hnsw_m=settings.hnsw_m,
-        hnsw_ef_construction=settings.hnsw_ef_construction,
-        hnsw_ef_search=settings.hnsw_ef_search,
+        read_only=False,
         # one snapshot at the end rather than many while building
         compact_every=max(settings.index_compact_every, len(files) + 1),
     )

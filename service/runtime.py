@@ -6,7 +6,6 @@ CUDA libraries are missing, so the *active* providers are read back from the ses
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,14 +18,14 @@ from typing import Iterable
 import numpy as np
 import onnxruntime as ort
 
+from service.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
+
 log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-OUTPUT_NAMES = ("embedding", "patch_tokens", "attention")
 #: model.json format versions this service understands
-SUPPORTED_FORMAT_VERSIONS = (1,)
-HASH_CHUNK = 1 << 20
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
 
 
 class ModelLoadError(Exception):
@@ -109,15 +108,6 @@ class ModelSpec:
         return spec
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def nvidia_gpu_present() -> bool:
     """Best-effort check for an NVIDIA GPU, so that ``auto`` does not make onnxruntime print CUDA
     library errors on machines without one. Outside Linux we cannot tell cheaply: assume yes and let
@@ -162,7 +152,7 @@ class OnnxModel:
         intra_op_threads: int = 0,
     ):
         self.model_dir = Path(model_dir)
-        self.spec = ModelSpec.from_json(self.model_dir / "model.json")
+        self.spec = ModelSpec.from_json(self.model_dir / METADATA_FILE)
         providers = choose_providers(provider)
 
         options = ort.SessionOptions()

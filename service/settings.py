@@ -13,12 +13,12 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.model_folder import METADATA_FILE
+
 #: the repository (or installed tree) root: ``service/`` lives directly below it
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: where shipped model folders live; the first one (sorted by name) is the default model
 MODELS_DIR = REPO_ROOT / "models"
-#: the file that marks a complete model folder (written last by ``dino export``)
-MODEL_METADATA_FILE = "model.json"
 
 
 class ModelNotFoundError(Exception):
@@ -27,10 +27,10 @@ class ModelNotFoundError(Exception):
 
 def find_default_model(models_dir: Path = MODELS_DIR) -> Path:
     """The first folder (sorted by name) below ``models_dir`` that holds a ``model.json``."""
-    candidates = sorted(p.parent for p in models_dir.glob(f"*/{MODEL_METADATA_FILE}")) if models_dir.is_dir() else []
+    candidates = sorted(p.parent for p in models_dir.glob(f"*/{METADATA_FILE}")) if models_dir.is_dir() else []
     if not candidates:
         raise ModelNotFoundError(
-            f"no model given and no default model in {models_dir} (no */{MODEL_METADATA_FILE}); "
+            f"no model given and no default model in {models_dir} (no */{METADATA_FILE}); "
             "pass --model models/NAME (or set DINO_MODEL_DIR) to a folder made by 'dino export' or 'dino import'"
         )
     return candidates[0]
@@ -126,8 +126,8 @@ class ServiceSettings(BaseSettings):
     def resolved_model_dir(self) -> Path:
         """The model folder to serve: ``model_dir`` or the default shipped model; checked to hold a model.json."""
         model_dir = self.model_dir if self.model_dir is not None else find_default_model()
-        if not (model_dir / MODEL_METADATA_FILE).is_file():
+        if not (model_dir / METADATA_FILE).is_file():
             raise ModelNotFoundError(
-                f"{model_dir} is not a model folder (no {MODEL_METADATA_FILE}); make one with 'dino export' or 'dino import'"
+                f"{model_dir} is not a model folder (no {METADATA_FILE}); make one with 'dino export' or 'dino import'"
             )
         return model_dir

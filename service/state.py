@@ -103,6 +103,21 @@ class ServiceState:
         self.index.close()
 
 
+def open_index(settings: ServiceSettings, model: OnnxModel, folder: Path | None, **overrides) -> EmbeddingIndex:
+    """The gallery index of ``model`` in ``folder`` (None: in memory), with the settings' index type,
+    HNSW parameters, compaction and read-only flag; ``overrides`` replace any of those."""
+    options = dict(
+        index_type=settings.index_type,
+        hnsw_m=settings.hnsw_m,
+        hnsw_ef_construction=settings.hnsw_ef_construction,
+        hnsw_ef_search=settings.hnsw_ef_search,
+        compact_every=settings.index_compact_every,
+        read_only=settings.index_read_only,
+    )
+    options.update(overrides)
+    return EmbeddingIndex(folder, dim=model.spec.embed_dim, model_sha256=model.sha256, model_name=model.name, **options)
+
+
 def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Path | None = None) -> ServiceState:
     """Load and warm up the model and open the gallery (blocking; run it in a thread)."""
     model_dir = model_dir or settings.resolved_model_dir()
@@ -114,18 +129,7 @@ def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Pa
         intra_op_threads=settings.intra_op_threads,
     )
     model.warm_up(settings.warmup_batches)
-    index = EmbeddingIndex(
-        settings.index_dir,
-        dim=model.spec.embed_dim,
-        model_sha256=model.sha256,
-        model_name=model.name,
-        index_type=settings.index_type,
-        hnsw_m=settings.hnsw_m,
-        hnsw_ef_construction=settings.hnsw_ef_construction,
-        hnsw_ef_search=settings.hnsw_ef_search,
-        compact_every=settings.index_compact_every,
-        read_only=settings.index_read_only,
-    )
+    index = open_index(settings, model, settings.index_dir)
     if settings.index_dir is None:
         log.warning("no index folder given (--index / DINO_INDEX_DIR): the gallery is kept in memory and lost at exit")
     metrics.model_info.labels(model.name, model.sha256, model.provider).set(1)

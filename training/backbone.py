@@ -20,17 +20,22 @@ ARCHS: dict[str, str] = {
 PATCH_SIZES = (4, 8, 16)
 
 
+def check_backbone_args(arch: str, patch_size: int, img_size: int) -> None:
+    """Raise ValueError unless ``build_backbone`` can build this architecture, patch size and image size."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(sorted(ARCHS))}")
+    if patch_size not in PATCH_SIZES:
+        raise ValueError(f"patch size must be one of {PATCH_SIZES}, got {patch_size}")
+    if img_size % patch_size:
+        raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+
+
 def build_backbone(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     """Build a randomly initialised timm ViT that maps images to their [CLS] embedding.
 
     Never downloads weights: pretrained weights come in through ``dino import`` from local files.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    if patch_size not in PATCH_SIZES:
-        raise ValueError(f"patch size must be one of {PATCH_SIZES}, got {patch_size}")
-    if img_size % patch_size:
-        raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+    check_backbone_args(arch, patch_size, img_size)
     return timm.create_model(
         ARCHS[arch],
         pretrained=False,

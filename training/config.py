@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -43,16 +42,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from service.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
 from training.augmentation import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 FP16_FILE = "model_fp16.onnx"
-METADATA_FILE = "model.json"
-FORMAT_VERSION = 1
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("embedding", "patch_tokens", "attention")
 #: opset 18 is the first whose Resize has ``antialias``, which timm's position-embedding resampling uses
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
@@ -67,8 +64,6 @@ RESIZE_RATIO = 8 / 7
 #: tolerance of the self-check run after export (fp32 ONNX Runtime vs PyTorch on random input)
 VERIFY_ATOL = 1e-4
 VERIFY_ATOL_FP16 = 5e-2
-#: bytes read at a time when hashing files
-HASH_CHUNK = 1 << 20
 #: symbolic dimension names of model.json and of the ONNX graph's inputs and outputs
 DIM_BATCH, DIM_HEIGHT, DIM_WIDTH, DIM_PATCHES = "batch", "height", "width", "num_patches"
 ATTENTION_NOTE = (
@@ -184,15 +179,6 @@ def _check_supported(vit: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_resize_size(image_size: int) -> int:
@@ -525,6 +511,24 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})")
 
 
+def export_with_options(backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int,
+                        image_size: int, provenance: dict) -> dict:
+    """:func:`export_backbone` into ``args.output`` with the options of :func:`add_export_options`."""
+    output = Path(args.output)
+    return export_backbone(
+        backbone,
+        output,
+        name=args.name or output.name,
+        arch=arch,
+        patch_size=patch_size,
+        image_size=image_size,
+        resize_size=args.resize_size,
+        provenance=provenance,
+        fp16=args.fp16,
+        opset=args.opset,
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by 'dino train' (RUN/checkpoint.pth)")
     parser.add_argument("--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)")
@@ -581,17 +585,13 @@ def main(args: argparse.Namespace) -> int:
         provenance = {**meta, "training_config": config}
         if args.knn_result:
             provenance["knn_eval"] = read_knn_result(args.knn_result, meta)
-        metadata = export_backbone(
+        metadata = export_with_options(
             backbone,
-            output,
-            name=args.name or output.name,
+            args,
             arch=config["arch"],
             patch_size=int(config["patch_size"]),
             image_size=args.image_size or int(config["global_size"]),
-            resize_size=args.resize_size,
             provenance=provenance,
-            fp16=args.fp16,
-            opset=args.opset,
         )
     except ExportError as exc:
         print(f"dino export: {exc}", file=sys.stderr)

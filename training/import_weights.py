@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from training.backbone import ARCHS, PATCH_SIZES, build_backbone
+from training.backbone import ARCHS, PATCH_SIZES, build_backbone, check_backbone_args
 from training.export import (
     BACKBONE_PREFIX,
     CHECKPOINT_FORMAT,
@@ -37,7 +37,7 @@ from training.export import (
     add_export_options,
     backbone_state_dict,
     configure_logging,
-    export_backbone,
+    export_with_options,
     load_torch_file,
     print_summary,
     sha256_file,
@@ -186,12 +186,10 @@ def load_backbone_weights(path: str | Path, arch: str, patch_size: int, image_si
         (backbone in eval mode, provenance dict: source, source_sha256, source_format and whatever the
         file records: training config or args, epoch, k-NN result).
     """
-    if arch not in ARCHS:
-        raise ImportWeightsError(f"unknown arch {arch!r}; choose one of {', '.join(sorted(ARCHS))}")
-    if patch_size not in PATCH_SIZES:
-        raise ImportWeightsError(f"patch size must be one of {PATCH_SIZES}, got {patch_size}")
-    if image_size % patch_size:
-        raise ImportWeightsError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+    try:
+        check_backbone_args(arch, patch_size, image_size)
+    except ValueError as exc:
+        raise ImportWeightsError(str(exc)) from exc
     state, source_format, extra = read_weights(path)
     config = extra.get("training_config")
     if config and (config.get("arch"), int(config.get("patch_size", 0))) != (arch, patch_size):
@@ -222,17 +220,8 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     try:
         backbone, provenance = load_backbone_weights(args.weights, args.arch, args.patch_size, args.image_size)
-        metadata = export_backbone(
-            backbone,
-            output,
-            name=args.name or output.name,
-            arch=args.arch,
-            patch_size=args.patch_size,
-            image_size=args.image_size,
-            resize_size=args.resize_size,
-            provenance=provenance,
-            fp16=args.fp16,
-            opset=args.opset,
+        metadata = export_with_options(
+            backbone, args, arch=args.arch, patch_size=args.patch_size, image_size=args.image_size, provenance=provenance
         )
     except ExportError as exc:
         print(f"dino import: {exc}", file=sys.stderr)

@@ -465,10 +465,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except DataError as exc:
-        print(f"dino train: {exc}", file=sys.stderr)
-        return 1
-    except FloatingPointError as exc:
+    except (DataError, FloatingPointError) as exc:  # no images / a non-finite loss: a message, not a traceback
         print(f"dino train: {exc}", file=sys.stderr)
         return 1
     finally:
