@@ -270,3 +270,85 @@ def test_attention_grid_png(model_dir, tmp_path, data_dir):
         expected = attention_grid(model_dir, photos, tmp_path / "again.png", cell=64).size
         assert png.size == expected
         assert png.size[0] >= 6 * 64 and png.size[1] >= 2 * 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention mass inside hand-drawn object boxes (training.attention_boxes)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_box_mask_follows_the_models_resize_and_centre_crop():
+    from training.attention_boxes import box_patch_mask
+
+    # 200x100 photo -> shorter side 73 -> 146x73 -> centre crop 64 starts 41 px from the left,
+    # so the left half of the photo (x < 73) covers crop x < 32: patch columns 0-3 of 8
+    left = box_patch_mask([0.0, 0.0, 0.5, 1.0], (200, 100), 64, 73, 8)
+    right = box_patch_mask([0.5, 0.0, 1.0, 1.0], (200, 100), 64, 73, 8)
+    assert left.shape == (8, 8)
+    assert left[:, :4].all() and not left[:, 4:].any()
+    assert right[:, 4:].all() and not right[:, :4].any()
+    # a box in the cropped-away margin covers no patch
+    assert not box_patch_mask([0.0, 0.0, 0.1, 1.0], (200, 100), 64, 73, 8).any()
+
+
+def test_box_scores_of_known_maps():
+    from training.attention_boxes import score_map
+
+    box = np.zeros((4, 4), dtype=bool)
+    box[:2, :2] = True  # a quarter of the grid
+    on_object = np.where(box, 1.0, 0.0)[None] + 1e-9
+    uniform = np.ones((1, 4, 4))
+    avoiding = np.where(box, 0.0, 1.0)[None]
+    s = score_map(on_object, box)
+    assert s.box_area == 0.25 and s.mass_in_box == pytest.approx(1.0) and s.lift == pytest.approx(4.0)
+    assert s.head_lift == pytest.approx([4.0])
+    # 3 of the box's 4 equal patches hold the top 60% of the mass (75%): Jaccard 3/4
+    assert s.jaccard == pytest.approx(0.75)
+    assert score_map(uniform, box).lift == pytest.approx(1.0)
+    assert score_map(avoiding, box).mass_in_box == 0.0 and score_map(avoiding, box).jaccard == 0.0
+    # one head on the object, one avoiding it: the mean map is in between, the heads keep their lifts
+    two_heads = score_map(np.concatenate([np.where(box, 1.0, 0.0)[None], avoiding / 3]), box)
+    assert two_heads.head_lift == pytest.approx([4.0, 0.0]) and two_heads.mass_in_box == pytest.approx(0.5)
+
+
+def test_attention_boxes_cli_with_random_baseline(model_dir, data_dir, tmp_path, capsys):
+    from training.attention_boxes import main as boxes_main
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"boxes": {"n01440764_tench.JPEG": [0.08, 0.25, 0.86, 0.72],
+                                           "n01860187_black_swan.JPEG": [0.27, 0.0, 0.82, 0.9]}}))
+    out = tmp_path / "scores.json"
+    args = ["--model", str(model_dir), "--random-baseline", "--boxes", str(boxes),
+            "--images-dir", str(data_dir / "imagenet-sample"), "--output", str(out)]
+    assert boxes_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mean lift" in printed and "random-init" in printed
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == {model_dir.name, "random-init"}
+    for scores in result["models"].values():
+        assert set(scores["per_image"]) == {"n01440764_tench.JPEG", "n01860187_black_swan.JPEG"}
+        for s in scores["per_image"].values():
+            assert 0 < s["box_area"] <= 1 and 0 <= s["mass_in_box"] <= 1 and 0 <= s["jaccard"] <= 1
+            assert s["lift"] == pytest.approx(s["mass_in_box"] / s["box_area"])
+            assert len(s["head_lift"]) == 3  # vit_tiny's heads
+    # the two networks differ, so their attention does too
+    a, b = (result["models"][k]["per_image"]["n01440764_tench.JPEG"]["mass_in_box"] for k in result["models"])
+    assert a != b
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"boxes": {"n01440764_tench.JPEG": [0.5, 0.2, 0.4, 0.9]}}, "x0 < x1"),
+        ({"boxes": {"no_such_photo.JPEG": [0.1, 0.1, 0.9, 0.9]}}, "no such photo"),
+        ({"photos": []}, "cannot read a box file"),
+    ],
+)
+def test_attention_boxes_cli_refuses_bad_input(model_dir, data_dir, tmp_path, capsys, content, message):
+    from training.attention_boxes import main as boxes_main
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(content))
+    args = ["--model", str(model_dir), "--boxes", str(boxes), "--images-dir", str(data_dir / "imagenet-sample")]
+    assert boxes_main(args) == 1
+    assert message in capsys.readouterr().err

@@ -4,6 +4,11 @@ Each image yields 2 global crops (scale 0.4-1) and N local crops (scale 0.05-0.4
 horizontal flip, colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1.0 for the first
 global, 0.1 for the second, 0.5 for the locals); the second global view is also solarised (p 0.2).
 The asymmetric blur/solarisation follows BYOL: the two global views are made deliberately different.
+
+The paper's blur is defined at 224 px: kernel 23 px (a tenth of the side), sigma 0.1-2.0 px. Both
+are scaled to the crop side here, so a 64 px crop gets the same blur relative to its content as a
+224 px one. An unscaled sigma of 2 px on a 64 px crop would be as strong as 7 px at 224 px, and
+would wipe out the object detail that the views are meant to share.
 """
 from __future__ import annotations
 
@@ -17,10 +22,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: side at which the paper's blur parameters are given
+PAPER_SIZE = 224
+#: Gaussian blur sigma range in pixels at PAPER_SIZE (BYOL / DINO)
+PAPER_BLUR_SIGMA = (0.1, 2.0)
+
+
 def _blur_kernel(size: int) -> int:
     """An odd kernel about a tenth of the crop side (23 px at 224, 3 px at 32)."""
     k = max(3, int(0.1 * size))
     return k if k % 2 else k + 1
+
+
+def blur_sigma(size: int) -> tuple[float, float]:
+    """The paper's blur sigma range, scaled from 224 px to a crop of side ``size``."""
+    scale = size / PAPER_SIZE
+    return PAPER_BLUR_SIGMA[0] * scale, PAPER_BLUR_SIGMA[1] * scale
 
 
 class MultiCropAugmentation:
@@ -55,7 +72,7 @@ class MultiCropAugmentation:
             return v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
         def blur(size: int, p: float) -> v2.Transform:
-            return v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=p)
+            return v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=blur_sigma(size))], p=p)
 
         self.global1 = v2.Compose(
             [v2.PILToTensor(), crop(global_size, global_scale), *flip_and_jitter, blur(global_size, 1.0), *to_tensor]

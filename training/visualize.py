@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.attention import mass_threshold_mask
+
 DEFAULT_THRESHOLD = 0.6  #: fraction of attention mass kept by the mask column (DINO paper)
 DEFAULT_CELL = 224  #: side in pixels of each cell of the grid
 PAD = 4  #: pixels between cells
@@ -32,17 +34,6 @@ TEXT_COLOUR = (0, 0, 0)
 
 class VisualizeError(Exception):
     """A user-facing failure: missing model folder or image."""
-
-
-def mass_threshold_mask(attention: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the highest-attention entries that together hold ``fraction`` of the total mass."""
-    flat = attention.ravel()
-    order = np.argsort(flat)[::-1]
-    cumulative = np.cumsum(flat[order]) / flat.sum()
-    keep = np.zeros(flat.shape, dtype=bool)
-    # include the entry that crosses the threshold, so at least one patch is kept
-    keep[order[: int(np.searchsorted(cumulative, fraction)) + 1]] = True
-    return keep.reshape(attention.shape)
 
 
 def _heat(values: np.ndarray, size: int) -> np.ndarray:
@@ -59,7 +50,8 @@ def _upsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
-def _load_model(model_dir: Path):
+def load_model_folder(model_dir: Path):
+    """(model.json as a dict, ONNX Runtime CPU session) of an exported model folder."""
     import onnxruntime as ort
 
     meta_path = model_dir / "model.json"
@@ -71,13 +63,18 @@ def _load_model(model_dir: Path):
     return meta, session
 
 
-def _preprocess(path: Path, meta: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def resize_size_for(meta: dict, image_size: int) -> int:
+    """Shorter-side resize for a centre crop of ``image_size``, keeping the model's resize/crop ratio."""
+    return round(meta["resize_size"] * image_size / meta["image_size"])
+
+
+def preprocess_photo(path: Path, meta: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(normalised [3, S, S] float32 input, [S, S, 3] uint8 crop for display) with the model's transform."""
     from training.augmentation import eval_transform
 
     if not path.is_file():
         raise VisualizeError(f"{path}: no such image")
-    resize = round(meta["resize_size"] * image_size / meta["image_size"])
+    resize = resize_size_for(meta, image_size)
     with Image.open(path) as image:
         tensor = eval_transform(image_size, resize, meta["mean"], meta["std"])(image.convert("RGB"))
     x = tensor.numpy().astype(np.float32)
@@ -104,7 +101,7 @@ def attention_grid(
             size works for models exported with dynamic H/W, and larger inputs give finer maps.
     """
     model_dir = Path(model_dir)
-    meta, session = _load_model(model_dir)
+    meta, session = load_model_folder(model_dir)
     image_size = image_size or meta["image_size"]
     patch = meta["patch_size"]
     if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
@@ -121,7 +118,7 @@ def attention_grid(
         draw.text((PAD + c * (cell + PAD), 2), label, fill=TEXT_COLOUR)
 
     for r, path in enumerate(images):
-        x, display = _preprocess(Path(path), meta, image_size)
+        x, display = preprocess_photo(Path(path), meta, image_size)
         attention = session.run(["attention"], {meta["input_name"]: x[None]})[0][0].reshape(heads, grid, grid)
         photo = np.asarray(Image.fromarray(display).resize((cell, cell), Image.BICUBIC))
         mean = attention.mean(axis=0)
