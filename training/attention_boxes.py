@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -34,16 +35,26 @@ import numpy as np
 from PIL import Image
 
 from service.attention import mass_threshold_mask
-from training.visualize import DEFAULT_THRESHOLD, VisualizeError, load_model_folder, preprocess_photo, resize_size_for
+from training.visualize import (
+    DEFAULT_THRESHOLD,
+    VisualizeError,
+    checked_image_size,
+    load_model_folder,
+    photo_attention,
+    read_model_metadata,
+    resize_size_for,
+)
 
 DEFAULT_BOXES = Path(__file__).with_name("imagenet_sample_boxes.json")
-DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+#: the real data folder (``DINO_DATA_DIR``, default ``../shared/data`` beside the repository)
+DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DEFAULT_IMAGES = DATA_DIR / "imagenet-sample"
 RANDOM_SEED = 0  #: seed of the random-init baseline network
 RANDOM_NAME = "random-init"
 
 
 class BoxEvalError(Exception):
-    """A user-facing failure: bad box file, missing photo, unusable model folder."""
+    """A user-facing failure: bad box file, missing photo, box outside the crop."""
 
 
 @dataclass
@@ -110,17 +121,11 @@ def evaluate_model(model_dir: str | Path, boxes: dict[str, list[float]], images_
     """Score every boxed photo with the exported model in ``model_dir`` (ONNX Runtime, CPU).
 
     Returns ``{"image_size", "per_image": {name: ImageScore as dict}, "mean": {score: value}}``.
+    Raises BoxEvalError, or VisualizeError for an unusable model folder or image size.
     """
     model_dir = Path(model_dir)
-    try:
-        meta, session = load_model_folder(model_dir)
-    except VisualizeError as exc:
-        raise BoxEvalError(str(exc)) from exc
-    image_size = image_size or meta["image_size"]
-    patch, heads = meta["patch_size"], meta["num_heads"]
-    if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
-        raise BoxEvalError(f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})")
-    grid = image_size // patch
+    meta, session = load_model_folder(model_dir)
+    image_size = checked_image_size(meta, image_size, model_dir)
     per_image: dict[str, ImageScore] = {}
     for name, box in boxes.items():
         path = images_dir / name
@@ -128,11 +133,10 @@ def evaluate_model(model_dir: str | Path, boxes: dict[str, list[float]], images_
             raise BoxEvalError(f"{path}: no such photo (set --images-dir)")
         with Image.open(path) as photo:
             photo_size = photo.size
-        mask = box_patch_mask(box, photo_size, image_size, resize_size_for(meta, image_size), patch)
+        mask = box_patch_mask(box, photo_size, image_size, resize_size_for(meta, image_size), meta["patch_size"])
         if not mask.any():
             raise BoxEvalError(f"{name}: the box {box} falls outside the centre crop")
-        x, _ = preprocess_photo(path, meta, image_size)
-        attention = session.run(["attention"], {meta["input_name"]: x[None]})[0][0].reshape(heads, grid, grid)
+        attention, _ = photo_attention(session, meta, path, image_size)
         per_image[name] = score_map(attention, mask)
     scores = list(per_image.values())
     mean = {f: float(np.mean([getattr(s, f) for s in scores])) for f in ("box_area", "mass_in_box", "lift", "jaccard")}
@@ -140,14 +144,13 @@ def evaluate_model(model_dir: str | Path, boxes: dict[str, list[float]], images_
     return {"image_size": image_size, "per_image": {k: asdict(v) for k, v in per_image.items()}, "mean": mean}
 
 
-def export_random_baseline(model_dir: Path, output_dir: Path) -> Path:
-    """Export a randomly initialised backbone with the architecture of ``model_dir`` into ``output_dir``."""
+def export_random_baseline(meta: dict, output_dir: Path) -> Path:
+    """Export a randomly initialised backbone with the architecture of ``meta`` (a model.json) into ``output_dir``."""
     import torch
 
     from training.backbone import build_backbone
     from training.export import export_backbone
 
-    meta = json.loads((model_dir / "model.json").read_text())
     torch.manual_seed(RANDOM_SEED)
     backbone = build_backbone(meta["arch"], meta["patch_size"], meta["image_size"])
     export_backbone(backbone, output_dir, name=RANDOM_NAME, arch=meta["arch"], patch_size=meta["patch_size"],
@@ -189,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             results[Path(model).name] = evaluate_model(model, boxes, images_dir, args.image_size)
         if args.random_baseline:
             with tempfile.TemporaryDirectory() as tmp:
-                baseline = export_random_baseline(Path(args.model[0]), Path(tmp) / RANDOM_NAME)
+                baseline = export_random_baseline(read_model_metadata(Path(args.model[0])), Path(tmp) / RANDOM_NAME)
                 results[RANDOM_NAME] = evaluate_model(baseline, boxes, images_dir, args.image_size)
-    except BoxEvalError as exc:
+    except (BoxEvalError, VisualizeError) as exc:
         print(f"attention_boxes: {exc}", file=sys.stderr)
         return 1
     print_table(results)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from service.attention import mass_threshold_mask
+from service.model_folder import METADATA_FILE
 
 DEFAULT_THRESHOLD = 0.6  #: fraction of attention mass kept by the mask column (DINO paper)
 DEFAULT_CELL = 224  #: side in pixels of each cell of the grid
@@ -50,14 +51,19 @@ def _upsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
+def read_model_metadata(model_dir: Path) -> dict:
+    """The model.json of an exported model folder, as a dict."""
+    meta_path = model_dir / METADATA_FILE
+    if not meta_path.is_file():
+        raise VisualizeError(f"{model_dir}: not a model folder (no {METADATA_FILE})")
+    return json.loads(meta_path.read_text())
+
+
 def load_model_folder(model_dir: Path):
     """(model.json as a dict, ONNX Runtime CPU session) of an exported model folder."""
     import onnxruntime as ort
 
-    meta_path = model_dir / "model.json"
-    if not meta_path.is_file():
-        raise VisualizeError(f"{model_dir}: not a model folder (no model.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_model_metadata(model_dir)
     # a handful of images: the CPU provider is fast enough and needs no CUDA libraries
     session = ort.InferenceSession(str(model_dir / meta["file"]), providers=["CPUExecutionProvider"])
     return meta, session
@@ -83,6 +89,24 @@ def preprocess_photo(path: Path, meta: dict, image_size: int) -> tuple[np.ndarra
     return x, display
 
 
+def checked_image_size(meta: dict, image_size: int | None, model_dir: Path) -> int:
+    """The input side to run at: ``image_size`` or the model's own, which must fit its patch size and,
+    when it differs from the native size, a graph exported with dynamic H/W."""
+    image_size = image_size or meta["image_size"]
+    patch = meta["patch_size"]
+    if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
+        raise VisualizeError(f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})")
+    return image_size
+
+
+def photo_attention(session, meta: dict, path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """([heads, grid, grid] last-block [CLS] attention, [S, S, 3] uint8 crop) of one photo."""
+    x, display = preprocess_photo(path, meta, image_size)
+    grid = image_size // meta["patch_size"]
+    attention = session.run(["attention"], {meta["input_name"]: x[None]})[0][0]
+    return attention.reshape(meta["num_heads"], grid, grid), display
+
+
 def attention_grid(
     model_dir: str | Path,
     images: list[str | Path],
@@ -102,11 +126,7 @@ def attention_grid(
     """
     model_dir = Path(model_dir)
     meta, session = load_model_folder(model_dir)
-    image_size = image_size or meta["image_size"]
-    patch = meta["patch_size"]
-    if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
-        raise VisualizeError(f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})")
-    grid = image_size // patch
+    image_size = checked_image_size(meta, image_size, model_dir)
     heads = meta["num_heads"]
     labels = ["image", "mean attention"] + [f"head {h}" for h in range(heads)]
     if threshold > 0:
@@ -118,8 +138,7 @@ def attention_grid(
         draw.text((PAD + c * (cell + PAD), 2), label, fill=TEXT_COLOUR)
 
     for r, path in enumerate(images):
-        x, display = preprocess_photo(Path(path), meta, image_size)
-        attention = session.run(["attention"], {meta["input_name"]: x[None]})[0][0].reshape(heads, grid, grid)
+        attention, display = photo_attention(session, meta, Path(path), image_size)
         photo = np.asarray(Image.fromarray(display).resize((cell, cell), Image.BICUBIC))
         mean = attention.mean(axis=0)
         tiles = [photo, (photo * (1 - OVERLAY_ALPHA) + _heat(mean, cell) * OVERLAY_ALPHA).astype(np.uint8)]
