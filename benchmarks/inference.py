@@ -43,10 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dino.data_dir import data_dir  # noqa: E402
 from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = data_dir()
 BATCHES = {"cpu": (1, 8, 32), "cuda": (1, 8, 32, 64, 128, 256)}
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 BUILTIN = {"arch": "vit_small", "patch_size": 16, "image_size": 224}
@@ -105,8 +106,8 @@ def ort_session(path: Path, provider: str, threads: int):
 
 def torch_module(folder: Path, meta: dict, backbone=None):
     """The eager PyTorch counterpart of a model folder, or None when its weights are not at hand."""
-    from training.export import DinoExportModule, ExportError
-    from training.import_weights import load_backbone_weights
+    from training.export_graph import DinoExportModule
+    from training.weights import WeightsError, load_backbone_weights
 
     if backbone is None:
         prov = meta.get("provenance", {})
@@ -116,7 +117,7 @@ def torch_module(folder: Path, meta: dict, backbone=None):
             return None
         try:  # handles every layout, this project's checkpoints included
             backbone = load_backbone_weights(source, meta["arch"], meta["patch_size"], meta["image_size"])[0]
-        except ExportError as exc:
+        except WeightsError as exc:
             log.warning("%s: cannot rebuild the PyTorch model (%s), PyTorch eager skipped", folder, exc)
             return None
     return DinoExportModule(backbone.eval()).eval()
@@ -140,7 +141,7 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
     """All measurements of one model folder."""
     import torch
 
-    from training.export import OUTPUT_NAMES
+    from dino.model_folder import OUTPUT_NAMES
 
     meta = json.loads((folder / "model.json").read_text())
     size = meta["image_size"]

@@ -4,7 +4,7 @@ What it does, in one process:
 
 1. Takes the model folder (``--model``) or exports a random-init ViT-S/16 at 224 px into a temporary
    folder (needs the ``train`` extra: torch + timm + onnx; ``--provider cuda`` adds the fp16 file).
-2. Starts ``dino serve`` (``python -m service.cli serve``) on 127.0.0.1 at a free port, waits for
+2. Starts ``dino serve`` (``python -m dino.cli serve``) on 127.0.0.1 at a free port, waits for
    ``/readyz``, records the server's RSS and sends ``--warmup`` requests (not counted).
 3. Alternates raw and served phases: raw, served round 1, raw, served round 2, ..., raw.
 
@@ -60,11 +60,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dino.data_dir import data_dir  # noqa: E402
 from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
-from service.preprocess import list_image_files  # noqa: E402
+from dino.images import list_image_files  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = data_dir()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -280,7 +281,7 @@ def start_server(model_dir: Path, port: int, env: dict, log_path: Path, launcher
     if launcher == "auto":
         launcher = "cli" if (REPO / "service" / "server.py").is_file() else "uvicorn"
     if launcher == "cli":
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [sys.executable, "-m", "dino.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
     else:
         env = {**env, "DINO_MODEL_DIR": str(model_dir)}
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app_from_env",
@@ -421,7 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--server-env", action="append", default=[], metavar="DINO_X=V",
                    help="setting for the server (and the raw run), e.g. DINO_INTRA_OP_THREADS=2; repeatable")
     p.add_argument("--launcher", choices=("auto", "cli", "uvicorn"), default="auto",
-                   help="cli: python -m service.cli serve; uvicorn: uvicorn --factory service.app:create_app_from_env")
+                   help="cli: python -m dino.cli serve; uvicorn: uvicorn --factory service.app:create_app_from_env")
     p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                    help="profile the server with py-spy for this long during the load (0: no profile)")
     p.add_argument("--goal", type=float, default=0.8, help="served/raw ratio to reach (CPU)")

@@ -43,7 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
+from dino.data_dir import data_dir  # noqa: E402
+
+DATA_DIR = data_dir()
 DEFAULT_CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 DEFAULT_OUT = REPO / "docs" / "service_page.png"
 #: the query photo (not among the first 20, the gallery): a dog; the gallery holds five other dog breeds
@@ -89,7 +91,7 @@ def running_server(model_dir: Path, log_path: Path, ready_timeout: float = 300.0
            **(extra_env or {})}
     env.pop("DINO_INDEX_DIR", None)
     env.pop("DINO_API_KEY", None)
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "dino.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -25,11 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dino.data_dir import data_dir  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = data_dir()
 CONFIGS = {
     "cpu": dict(arch="vit_tiny", patch_size=4, global_size=32, local_size=16, local_crops=6, batch_size=64,
                 out_dim=4096, data=str(DATA_DIR / "cifar10" / "train")),

@@ -55,6 +55,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 COPY --from=wheels /wheels/ /tmp/wheels/
 COPY pyproject.toml README* /app/
+COPY dino/ /app/dino/
 COPY service/ /app/service/
 COPY training/ /app/training/
 
@@ -82,7 +83,7 @@ RUN set -eu; \
     pip check; \
     mkdir -p /opt/venv/etc; \
     find /opt/venv/lib -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u > /opt/venv/etc/ld.so.nvidia.conf; \
-    python -m compileall -q /app/service /app/training; \
+    python -m compileall -q /app/dino /app/service /app/training; \
     rm -rf /tmp/wheels
 
 # ------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 COPY --from=wheels /wheels/ /tmp/wheels/
 COPY pyproject.toml README* /app/
+COPY dino/ /app/dino/
 COPY service/ /app/service/
 COPY training/ /app/training/
 
@@ -67,7 +68,7 @@ RUN set -eu; \
     pip install $src "setuptools>=68"; \
     pip install $src --no-build-isolation $TORCH_PINS --editable "/app[$EXTRAS]"; \
     pip check; \
-    python -m compileall -q /app/service /app/training; \
+    python -m compileall -q /app/dino /app/service /app/training; \
     rm -rf /tmp/wheels
 
 # ------------------------------------------------------------------------------------------------

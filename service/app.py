@@ -19,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from dino.images import ImageInputError, ImageTooLarge, UnsupportedImage
 from service.batching import BatcherStoppedError, QueueFullError
 from service.index import GalleryReadOnlyError, UnknownImageError
 from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.preprocess import ImageInputError
 from service.routes import api_router, health_router, ui_router
 from service.settings import ServiceSettings
 from service.state import load_state
@@ -38,6 +38,18 @@ except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`.
 """
 
 
+#: the HTTP answer to each kind of unusable image (:mod:`dino.images`); anything else is a 422
+IMAGE_ERROR_STATUS: dict[type[ImageInputError], int] = {ImageTooLarge: 413, UnsupportedImage: 415}
+
+
+def image_error_status(exc: ImageInputError) -> int:
+    """413 for too large, 415 for not an image or an unsupported mode, 422 for empty or corrupt data."""
+    for kind, status in IMAGE_ERROR_STATUS.items():
+        if isinstance(exc, kind):
+            return status
+    return 422
+
+
 def _error(status: int, detail, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -47,7 +59,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImageInputError)
     async def image_input_error(request: Request, exc: ImageInputError) -> JSONResponse:
-        return _error(exc.status_code, exc.detail)
+        return _error(image_error_status(exc), exc.detail)
 
     @app.exception_handler(UnknownImageError)
     async def unknown_image(request: Request, exc: UnknownImageError) -> JSONResponse:

@@ -15,18 +15,31 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from service.index import MANIFEST_FILE, GalleryError
-from service.preprocess import IMAGE_EXTENSIONS, ImageInputError, Preprocessor, list_image_files, make_thumbnail
+from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files
+from service.preprocess import Preprocessor, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
 from service.state import l2_normalize, open_index
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexBuildResult:
+    """What one ``dino index build`` did."""
+
+    added: int  #: images embedded and stored
+    skipped: int  #: unreadable images, logged and left out
+    size: int  #: images in the gallery afterwards (more than ``added`` with ``--append``)
+    seconds: float
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -57,7 +70,7 @@ def build_index(
     threads: int = 4,
     append: bool = False,
     progress: bool = True,
-) -> dict:
+) -> IndexBuildResult:
     """Embed every image below ``images_dir`` into the index folder ``output``; returns counts."""
     if not images_dir.is_dir():
         raise GalleryError(f"image folder {images_dir} does not exist")
@@ -110,7 +123,7 @@ def build_index(
         size = index.size
     finally:
         index.close()
-    return {"added": added, "skipped": skipped, "size": size, "seconds": time.perf_counter() - started}
+    return IndexBuildResult(added=added, skipped=skipped, size=size, seconds=time.perf_counter() - started)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"dino index build: {exc}", file=sys.stderr)
         return 1
     print(
-        f"indexed {result['added']} images ({result['skipped']} skipped) into {args.output} "
-        f"in {result['seconds']:.1f} s; the gallery holds {result['size']} images"
+        f"indexed {result.added} images ({result.skipped} skipped) into {args.output} "
+        f"in {result.seconds:.1f} s; the gallery holds {result.size} images"
     )
     return 0

@@ -1,200 +1,31 @@
-"""Image decoding and the model's evaluation transform, with Pillow and NumPy only.
+"""The service's preprocessing: the model's evaluation transform with Pillow and NumPy only.
 
-Decoding is defensive, because the bytes come from anyone:
-
-- only raster formats with Pillow's own decoders are opened (no EPS/PostScript, which would start
-  Ghostscript, and no other plugin that shells out);
-- the width and height are read from the header and checked against ``max_pixels`` *before* the
-  pixels are decoded, so decompression bombs and absurd headers (a 65000x65000 JPEG of a few hundred
-  bytes) are refused without allocating anything (:class:`ImageTooLarge`, HTTP 413);
-- undecodable input is :class:`UnsupportedImage` (HTTP 415: not an image / unknown format) or
-  :class:`InvalidImage` (HTTP 422: empty, truncated, corrupt).
-
-Then the EXIF orientation is applied, the first frame of an animated image is used, and every
-Pillow mode is converted to 8-bit RGB as follows (:func:`to_rgb`):
-
-==================================  ===============================================================
-mode                                conversion
-==================================  ===============================================================
-RGB                                 unchanged
-1, L                                grey replicated to R, G, B (mode 1: 0 or 255)
-P without transparency              palette looked up
-RGBA, LA, La, RGBa, PA, and P, L,   alpha composited over white: ``a * colour + (1 - a) * 255``
-RGB with a transparency key
-I;16, I;16B, I;16L, I;16N           16-bit grey scaled by the 16-bit range: ``v * 255 / 65535``
-I (32-bit integer)                  0..255 kept, 0..65535 scaled as 16-bit, else min-max stretched
-F (32-bit float)                    0..1 scaled by 255, 0..255 kept, else min-max stretched; NaN -> 0
-CMYK, YCbCr, LAB, HSV, others       Pillow's ``convert("RGB")`` (no ICC colour management, like
-                                    training's loader)
-==================================  ===============================================================
+Decoding untrusted bytes (formats, size checks, EXIF, pixel modes) lives in :mod:`dino.images`,
+shared with training; this module turns the decoded image into the model's input.
 
 The evaluation transform (:class:`EvalTransform`) is the one declared in model.json and used in
 training (``training.augmentation.eval_transform``): resize the shorter side to ``resize_size``
 with antialiased bicubic interpolation, centre crop ``image_size``, scale to 0..1, normalise with
 mean/std, channels first. Pillow's bicubic resize is antialiased (its filter support grows with the
 downscale factor) and PyTorch's antialiased bicubic was written to match it (a = -0.5, same support),
-so the pixels agree to within a few grey levels (see tests/test_service_preprocess.py for the measured
-difference on real photos). For extreme aspect ratios only the crop window is resampled (Pillow's
-``box`` argument, same filter and scale), so that a 4000x4 strip never becomes a 73000x73 (or
-256000x256) intermediate image.
+so the pixels agree to within a few grey levels (see the service's preprocessing tests for the
+measured difference on real photos). For extreme aspect ratios only the crop window is resampled
+(Pillow's ``box`` argument, same filter and scale), so that a 4000x4 strip never becomes a 73000x73
+(or 256000x256) intermediate image.
 """
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
-from pathlib import Path
+
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-log = logging.getLogger(__name__)
+from dino.images import decode_image, to_rgb
 
-#: file extensions treated as images when a folder is scanned (training data, gallery builds)
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"})
-
-
-def list_image_files(root: Path) -> list[Path]:
-    """Image files below ``root`` (recursive, sorted so that every run sees the same order)."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-Image.init()
-#: Pillow formats accepted from clients: pure raster decoders (no plugin that runs external programs)
-ACCEPTED_FORMATS = tuple(
-    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN
-)
-WHITE = (255, 255, 255, 255)
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-UINT16_MAX = 65535.0
 #: resized images up to this many crops in area are resized whole (exactly torchvision's computation);
 #: larger ones (extreme aspect ratios, e.g. 4000x4 -> 73000x73) only have their crop window resampled
 FULL_RESIZE_MAX_AREA = 16
-
-
-class ImageInputError(Exception):
-    """An image sent by a client cannot be used; ``status_code`` is the HTTP answer."""
-
-    status_code = 422
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
-
-
-class ImageTooLarge(ImageInputError):
-    """Too many pixels (decompression bomb, absurd header) or too many bytes."""
-
-    status_code = 413
-
-
-class UnsupportedImage(ImageInputError):
-    """Not an image, or a format/pixel mode the service does not decode."""
-
-    status_code = 415
-
-
-class InvalidImage(ImageInputError):
-    """An image format we know, but the data is empty, truncated or corrupt."""
-
-    status_code = 422
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode untrusted bytes into an 8-bit RGB image (EXIF orientation applied, first frame).
-
-    Raises :class:`ImageInputError` subclasses with a message fit for the client.
-    """
-    if not data:
-        raise InvalidImage("empty file: no image data")
-    try:
-        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image too large: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise UnsupportedImage(
-            f"not a supported image: the data is not one of {', '.join(ACCEPTED_FORMATS)}"
-        ) from exc
-    except Exception as exc:  # a known format whose header is corrupt (SyntaxError, OSError, struct.error, ...)
-        raise InvalidImage(f"corrupt image header: {exc}") from exc
-    # No close(): the bytes are in memory, and closing would invalidate an image returned unchanged
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise InvalidImage(f"invalid image size {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_pixels} pixels"
-        )
-    # Animated GIF/WebP/APNG and multi-page TIFF: Image.open is positioned on the first frame already;
-    # seek(0) makes that explicit (and is a no-op for single-frame images).
-    try:
-        img.seek(0)
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image too large: {exc}") from exc
-    except MemoryError as exc:
-        raise ImageTooLarge("image too large to decode") from exc
-    except Exception as exc:  # OSError "image file is truncated", ValueError for oversized chunks, ...
-        raise InvalidImage(f"corrupt or truncated {img.format} image: {exc}") from exc
-    try:
-        return to_rgb(apply_exif_orientation(img))
-    except ImageInputError:
-        raise
-    except MemoryError as exc:
-        raise ImageTooLarge("image too large to convert") from exc
-    except Exception as exc:  # a decoded image Pillow cannot convert (exotic mode/palette)
-        raise InvalidImage(f"cannot convert the {img.mode} image to RGB: {exc}") from exc
-
-
-def apply_exif_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF Orientation tag says (a photo taken in portrait is stored sideways).
-
-    A malformed EXIF block is ignored (the pixels are still valid) rather than refused.
-    """
-    try:
-        transposed = ImageOps.exif_transpose(img)
-    except Exception as exc:  # malformed EXIF: Pillow raises various errors while parsing it
-        log.debug("ignoring malformed EXIF data: %s", exc)
-        return img
-    return img if transposed is None else transposed
-
-
-def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a single-channel 16-bit, 32-bit integer or float image to 0..255 (see the module table)."""
-    v = values.astype(np.float64)
-    finite = np.isfinite(v)
-    v = np.where(finite, v, 0.0)  # NaN and +-inf carry no intensity: black
-    if mode in SIXTEEN_BIT_MODES:
-        scaled = v * (255.0 / UINT16_MAX)
-    else:
-        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
-        if mode == "F" and lo >= 0.0 and hi <= 1.0:
-            scaled = v * 255.0
-        elif lo >= 0.0 and hi <= 255.0:
-            scaled = v
-        elif mode == "I" and lo >= 0.0 and hi <= UINT16_MAX:
-            scaled = v * (255.0 / UINT16_MAX)
-        elif hi > lo:
-            scaled = (v - lo) * (255.0 / (hi - lo))
-        else:
-            scaled = np.zeros_like(v)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB as documented in the module's table."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        grey = _grey_to_uint8(np.asarray(img), mode)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if img.has_transparency_data:
-        # Transparent pixels have no defined colour: composite them over white, like a browser page
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise UnsupportedImage(f"unsupported pixel mode {mode!r}") from exc
 
 
 @dataclass(frozen=True)

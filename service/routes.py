@@ -14,7 +14,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 
-from service import attention as attention_maps
+from dino.attention import mass_threshold_mask, select_head
+from service.overlay import render_overlay
 from service.dependencies import get_state, require_api_key
 from service.preprocess import PreparedImage
 from service.schemas import (
@@ -153,8 +154,8 @@ async def _attention_answer(
     head_index = _parse_head(head, spec.num_heads)
     (result,) = await state.infer([prepared], ["attention"])
     grid = spec.grid
-    attention_map = attention_maps.select_head(result["attention"], grid, head_index)
-    mask = attention_maps.mass_threshold_mask(attention_map, threshold) if threshold is not None else None
+    attention_map = select_head(result["attention"], grid, head_index)
+    mask = mass_threshold_mask(attention_map, threshold) if threshold is not None else None
     if fmt == "json":
         body = {
             "model": spec.name,
@@ -166,7 +167,7 @@ async def _attention_answer(
         if mask is not None:
             body["mask"] = mask.tolist()
         return JSONResponse(body)
-    png = await state.run_blocking(attention_maps.render_overlay, prepared.crop, attention_map, mask)
+    png = await state.run_blocking(render_overlay, prepared.crop, attention_map, mask)
     return Response(content=png, media_type="image/png")
 
 

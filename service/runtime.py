@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import onnxruntime as ort
 
-from service.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
+from dino.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.model_folder import METADATA_FILE
+from dino.model_folder import METADATA_FILE
 
 #: the repository (or installed tree) root: ``service/`` lives directly below it
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,8 @@ from PIL import Image
 from service.batching import DynamicBatcher
 from service.index import EmbeddingIndex
 from service.metrics import ServiceMetrics
-from service.preprocess import ImageInputError, PreparedImage, Preprocessor, make_thumbnail
+from dino.images import ImageInputError
+from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
 from service.runtime import OnnxModel
 from service.settings import ServiceSettings
 

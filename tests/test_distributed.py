@@ -21,7 +21,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, data_dir):
         shutil.copy(f, images / f.name)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "service.cli", "train", "--data", str(images), "--output-dir", str(out),
+           "-m", "dino.cli", "train", "--data", str(images), "--output-dir", str(out),
            "--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16",
            "--local-crops", "2", "--out-dim", "128", "--batch-size", "8", "--epochs", "1",
            "--num-workers", "0", "--device", "cpu", "--head-bn"]

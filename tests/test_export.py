@@ -17,22 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from service import cli
+from dino import cli
 from training.augmentation import eval_transform
 from training.backbone import build_backbone
 from training.checkpoint import rng_state, save_checkpoint
 from training.config import TrainConfig
-from training.export import (
-    FP16_FILE,
-    METADATA_FILE,
-    MODEL_FILE,
-    OUTPUT_NAMES,
-    ExportError,
-    export_backbone,
-    load_checkpoint_teacher,
-    reference_outputs,
-    sha256_file,
-)
+from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
+from training.export import FP16_FILE, MODEL_FILE, export_backbone
+from training.export_graph import ExportError, reference_outputs
+from training.weights import load_checkpoint_teacher
 from training.head import DINOHead
 from training.multicrop import MultiCropWrapper
 

@@ -15,19 +15,21 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from service import cli
+from dino import cli
 from training.augmentation import eval_transform
 from training.backbone import build_backbone
 from training.checkpoint import rng_state, save_checkpoint
 from training.config import TrainConfig
-from training.export import METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, reference_outputs, sha256_file
+from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
+from training.export import MODEL_FILE
+from training.export_graph import reference_outputs
 from training.head import DINOHead
-from training.import_weights import (
+from training.weights import (
     FORMAT_OFFICIAL_BACKBONE,
     FORMAT_OFFICIAL_FULL,
     FORMAT_PROJECT,
     FORMAT_SAFETENSORS,
-    ImportWeightsError,
+    WeightsError,
     load_backbone_weights,
 )
 from training.multicrop import MultiCropWrapper
@@ -241,7 +243,7 @@ def test_shapes_of_another_arch_are_listed(weights, tmp_path, capsys):
 def test_project_checkpoint_of_another_arch(weights, tmp_path):
     path = tmp_path / "checkpoint.pth"
     save_checkpoint(project_checkpoint(weights, arch="vit_small"), path)
-    with pytest.raises(ImportWeightsError, match="trained as vit_small/16"):
+    with pytest.raises(WeightsError, match="trained as vit_small/16"):
         load_backbone_weights(path, ARCH, PATCH, SIZE)
 
 

@@ -493,7 +493,7 @@ def test_service_never_imports_torch():
 
     from test_service_support import REPO
 
-    modules = ["service.app", "service.server", "service.index_cli", "service.cli"]
+    modules = ["service.app", "service.server", "service.index_cli", "dino.cli"]
     code = (
         f"import sys; import {', '.join(modules)}; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')); "

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.cli import main as dino
+from dino.cli import main as dino
 from service.index import (
     EmbeddingIndex,
     GalleryError,

@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import (
-    EvalTransform,
-    ImageTooLarge,
-    InvalidImage,
-    Preprocessor,
-    UnsupportedImage,
-    decode_image,
-    to_rgb,
-)
+from dino.images import ImageTooLarge, InvalidImage, UnsupportedImage, decode_image, to_rgb
+from service.preprocess import EvalTransform, Preprocessor
 from service.runtime import OnnxModel
 from test_service_support import (  # noqa: F401  (model_dir is a fixture)
     encode,
@@ -140,7 +133,7 @@ def test_pixels_match_torchvision_eval_transform(image_size, resize_size):
     downscale factor) but not every rounding step: a few pixels differ by one or two levels."""
     pytest.importorskip("torchvision")
     from training.augmentation import eval_transform
-    from training.data import load_rgb
+    from dino.images import load_rgb
 
     reference_transform = eval_transform(image_size, resize_size)
     service_transform = EvalTransform(image_size, resize_size, MEAN, STD)
@@ -165,7 +158,7 @@ def test_embeddings_match_torchvision_eval_transform(model_dir):
     vs by the training eval transform, through the same ONNX model."""
     pytest.importorskip("torchvision")
     from training.augmentation import eval_transform
-    from training.data import load_rgb
+    from dino.images import load_rgb
 
     model = OnnxModel(model_dir, provider="cpu")
     spec = model.spec

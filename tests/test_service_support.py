@@ -53,7 +53,7 @@ def photo_paths() -> list[Path]:
 def _exporter_fingerprint() -> str:
     """Exporter source + library versions (read from package metadata: importing torch is slow)."""
     digest = hashlib.sha256()
-    for source in ("training/export.py", "training/backbone.py"):
+    for source in ("training/export.py", "training/export_graph.py", "training/backbone.py"):
         digest.update((REPO / source).read_bytes())
     versions = [importlib.metadata.version(package) for package in ("torch", "timm", "onnx", "onnxscript")]
     digest.update(f"{versions} {sorted(TEST_MODEL.items())}".encode())
@@ -178,7 +178,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m service.cli serve`` on a free port of 127.0.0.1, logs to a file."""
+    """``python -m dino.cli serve`` on a free port of 127.0.0.1, logs to a file."""
 
     def __init__(self, model_dir: Path, log_path: Path, *, index_dir: Path | None = None, env: dict | None = None):
         self.model_dir = model_dir
@@ -194,7 +194,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 90.0) -> "ServerProcess":
         self.port = free_port()
-        command = [sys.executable, "-m", "service.cli", "serve", "--model", str(self.model_dir), "--port", str(self.port)]
+        command = [sys.executable, "-m", "dino.cli", "serve", "--model", str(self.model_dir), "--port", str(self.port)]
         if self.index_dir is not None:
             command += ["--index", str(self.index_dir)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "DINO_PREPROCESS_THREADS": "2", **self.extra_env}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.cli import main as dino
+from dino.cli import main as dino
 from training.augmentation import MultiCropAugmentation, blur_sigma
 from training.backbone import build_backbone
 from training.checkpoint import load_checkpoint
@@ -257,7 +257,7 @@ def test_short_training_run_on_real_images(image_folder, tmp_path, data_dir):
 
 
 def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "service.cli", "train", "--data", str(data), "--output-dir", str(out),
+    return [sys.executable, "-m", "dino.cli", "train", "--data", str(data), "--output-dir", str(out),
             "--epochs", str(epochs), *TINY_RUN, "--num-workers", "1", "--seed", "3"]
 
 

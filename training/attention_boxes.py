@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.attention import mass_threshold_mask
+from dino.attention import mass_threshold_mask
+from dino.data_dir import data_dir
 from training.visualize import (
     DEFAULT_THRESHOLD,
     VisualizeError,
@@ -47,7 +48,7 @@ from training.visualize import (
 
 DEFAULT_BOXES = Path(__file__).with_name("imagenet_sample_boxes.json")
 #: the real data folder (``DINO_DATA_DIR``, default ``../shared/data`` beside the repository)
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA_DIR = data_dir()
 DEFAULT_IMAGES = DATA_DIR / "imagenet-sample"
 RANDOM_SEED = 0  #: seed of the random-init baseline network
 RANDOM_NAME = "random-init"

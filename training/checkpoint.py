@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.weights import load_torch_file
+
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
@@ -31,8 +33,9 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` onto the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint written by ``save_checkpoint`` onto the CPU, without running pickled code
+    (:func:`training.weights.load_torch_file`)."""
+    return load_torch_file(path)
 
 
 def rng_state() -> dict:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from service.preprocess import IMAGE_EXTENSIONS, ImageInputError, apply_exif_orientation, list_image_files, to_rgb
+from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,6 @@ def find_images(root: str | os.PathLike) -> list[Path]:
             f"no images found in {str(root)!r} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return files
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image fully (so that truncation is detected now), apply its EXIF orientation and
-    convert it to RGB exactly as the service does (``service.preprocess``: alpha over white, 16-bit
-    and float greys scaled), so that training and serving see the same pixels."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(apply_exif_orientation(img))
 
 
 class UnlabelledImageFolder(Dataset):

@@ -1,4 +1,7 @@
-"""Export a DINO teacher backbone to an ONNX model folder (``dino export``).
+"""Turn a timm ViT backbone into an ONNX model folder: :func:`export_backbone`.
+
+The graph itself is :mod:`training.export_graph`; the ``dino export`` and ``dino import`` commands
+are :mod:`training.export_cli` and :mod:`training.import_weights`.
 
 A model folder (``models/NAME``) is what the service serves. It holds
 
@@ -23,7 +26,6 @@ TorchScript exporter specialises timm's resampling branch to the example size.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as dt
@@ -31,7 +33,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -42,8 +43,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from service.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
+from dino.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, ModelMetadata, OutputSpec, sha256_file
 from training.augmentation import IMAGENET_MEAN, IMAGENET_STD
+from training.export_graph import DinoExportModule, ExportError, Float16Module
 
 log = logging.getLogger(__name__)
 
@@ -70,115 +72,6 @@ ATTENTION_NOTE = (
     "softmax over [CLS] + patch tokens of the last block's [CLS] query, per head; the [CLS] column is "
     "dropped and the N values are not renormalised"
 )
-
-
-class ExportError(Exception):
-    """A user-facing export failure (bad checkpoint, unsupported model, verification failure)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The exported graph
-# --------------------------------------------------------------------------------------------------
-
-
-def cls_attention(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Softmax attention weights of the [CLS] query over the patch tokens in ``block`` for input ``x``.
-
-    timm's ``Attention`` uses fused scaled-dot-product attention, which never materialises the
-    weights, so they are recomputed from the block's own ``qkv`` projection (with its q/k norms and
-    scale). Only the [CLS] query row is computed: O(N) instead of O(N^2) extra work.
-
-    Returns [B, heads, N] where N excludes the prefix ([CLS], register) tokens.
-    """
-    attn = block.attn
-    h = block.norm1(x)
-    batch, tokens, _ = h.shape
-    qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, heads, 1, tokens]
-    return logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
-
-
-class DinoExportModule(nn.Module):
-    """Wraps a timm ``VisionTransformer`` so that one forward pass yields (embedding, patch_tokens, attention).
-
-    The computation is timm's ``forward_features`` + token pooling, with the last block's [CLS]
-    attention weights recomputed alongside (see :func:`cls_attention`).
-    """
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        _check_supported(vit)
-        self.vit = vit
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        vit = self.vit
-        x = vit.patch_embed(image)
-        x = vit._pos_embed(x)  # resamples the position embeddings to the input's grid
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        for block in vit.blocks[:-1]:
-            x = block(x)
-        last = vit.blocks[-1]
-        attention = cls_attention(last, x, vit.num_prefix_tokens)
-        x = vit.norm(last(x))
-        return x[:, 0], x[:, vit.num_prefix_tokens :], attention
-
-
-@torch.no_grad()
-def reference_outputs(backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three outputs computed in PyTorch eager mode, independently of :class:`DinoExportModule`.
-
-    For parity checks of exported models: the embedding is ``backbone(images)``, the patch tokens come
-    from ``forward_features`` and the attention is captured from timm's own unfused attention path
-    (the softmax weights entering ``attn_drop`` of the last block), not recomputed.
-    """
-    vit = copy.deepcopy(backbone).float().cpu().eval()
-    attn = vit.blocks[-1].attn
-    attn.fused_attn = False  # the unfused path materialises the softmax weights
-    captured: list[torch.Tensor] = []
-    hook = attn.attn_drop.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-    try:
-        images = images.float().cpu()
-        embedding = vit(images)
-        captured.clear()  # keep only the weights of the forward_features pass below
-        tokens = vit.forward_features(images)
-    finally:
-        hook.remove()
-    if len(captured) != 1:
-        raise ExportError("could not capture the last block's attention weights from timm's Attention")
-    prefix = vit.num_prefix_tokens
-    return {"embedding": embedding, "patch_tokens": tokens[:, prefix:], "attention": captured[0][:, :, 0, prefix:]}
-
-
-class Float16Module(nn.Module):
-    """Runs a module in float16 behind a float32 interface (the casts become part of the ONNX graph)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module.half()
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.module(image.half())
-        return tuple(o.float() for o in outputs)
-
-
-def _check_supported(vit: nn.Module) -> None:
-    """Fail early, with a clear message, on backbones the wrapper cannot export."""
-    needed = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
-    missing = [name for name in needed if not hasattr(vit, name)]
-    if missing:
-        raise ExportError(f"expected a timm VisionTransformer; {type(vit).__name__} lacks {', '.join(missing)}")
-    if getattr(vit, "global_pool", "token") != "token":
-        raise ExportError(f"the embedding must be the [CLS] token; backbone pools with {vit.global_pool!r}")
-    attn = vit.blocks[-1].attn
-    if not all(hasattr(attn, name) for name in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
-        raise ExportError(f"unsupported attention module {type(attn).__name__} in the last block")
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------------
 
 
 def default_resize_size(image_size: int) -> int:
@@ -236,7 +129,7 @@ def _name_dims(path: Path, embed_dim: int, num_heads: int, dynamic_hw: bool) -> 
     onnx.save(model, str(path))
 
 
-def _onnx_output_shapes(embed_dim: int, num_heads: int, num_patches: int | str) -> list[dict]:
+def _onnx_output_shapes(embed_dim: int, num_heads: int, num_patches: int | str) -> list[OutputSpec]:
     return [
         {"name": "embedding", "shape": [DIM_BATCH, embed_dim]},
         {"name": "patch_tokens", "shape": [DIM_BATCH, num_patches, embed_dim]},
@@ -283,7 +176,7 @@ def export_backbone(
     provenance: dict | None = None,
     fp16: bool = False,
     opset: int = DEFAULT_OPSET,
-) -> dict:
+) -> ModelMetadata:
     """Export a timm ViT backbone to ``output_dir`` (model.onnx, model.json, optionally model_fp16.onnx).
 
     The backbone is copied (left untouched), moved to the CPU in float32 and eval mode. After export
@@ -370,7 +263,7 @@ def export_backbone(
     import onnx
     import timm
 
-    metadata: dict[str, Any] = {
+    metadata: ModelMetadata = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "arch": arch,
@@ -389,212 +282,19 @@ def export_backbone(
         "opset": int(opset),
         "file": MODEL_FILE,
         "sha256": files[MODEL_FILE]["sha256"],
+        "provenance": {
+            **(provenance or {}),
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "timm_version": timm.__version__,
+            "onnx_version": onnx.__version__,
+        },
+        "export": report,
     }
     if fp16:
         metadata["fp16_file"] = FP16_FILE
         metadata["fp16_sha256"] = files[FP16_FILE]["sha256"]
-    metadata["provenance"] = {
-        **(provenance or {}),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "onnx_version": onnx.__version__,
-    }
-    metadata["export"] = report
     tmp_json = output_dir / f".{METADATA_FILE}.tmp"
     tmp_json.write_text(json.dumps(metadata, indent=2) + "\n")
     os.replace(tmp_json, output_dir / METADATA_FILE)
     return metadata
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def _safe_globals() -> list:
-    """Types that are harmless to unpickle and occur in checkpoints: argparse args (official DINO
-    checkpoints), NumPy arrays and scalars (RNG states, metrics)."""
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
-    dtypes = [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", [])]
-    return [argparse.Namespace, np.ndarray, np.dtype, _reconstruct, scalar, *dtypes]
-
-
-def load_torch_file(path: str | Path) -> Any:
-    """``torch.load`` onto the CPU without executing arbitrary pickled code.
-
-    Only tensors, plain containers and the types of :func:`_safe_globals` are accepted; anything else
-    is refused with a clear error rather than unpickled.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError for corrupt/non-torch files, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{path}: cannot load as a torch file: {first_line}") from exc
-
-
-def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Remove any leading sequence of ``prefixes`` (e.g. ``module.``, ``_orig_mod.``) from every key."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
-
-
-#: wrappers that may prefix the keys of a saved module: DistributedDataParallel and torch.compile
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-BACKBONE_PREFIX = "backbone."
-#: ``provenance.source_format`` of models exported from this project's checkpoints
-CHECKPOINT_FORMAT = "dino-platform checkpoint (teacher)"
-
-
-def backbone_state_dict(wrapper_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``backbone.`` entries of a MultiCropWrapper state dict, prefix removed (head entries dropped)."""
-    state = strip_prefixes(wrapper_state, WRAPPER_PREFIXES)
-    return {k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
-
-
-def load_checkpoint_teacher(path: str | Path) -> tuple[nn.Module, dict, dict]:
-    """Load the teacher backbone of a ``dino train`` checkpoint.
-
-    Returns:
-        (backbone in eval mode, training config dict, meta) where meta has ``source``,
-        ``source_sha256``, ``epoch``, ``step`` and ``knn`` (None when unknown).
-    """
-    checkpoint = load_torch_file(path)
-    if not isinstance(checkpoint, dict) or "teacher" not in checkpoint or "config" not in checkpoint:
-        keys = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ExportError(f"{path}: not a 'dino train' checkpoint (expected 'teacher' and 'config' entries, found {keys})")
-    config = dict(checkpoint["config"])
-    try:
-        arch, patch_size, image_size = config["arch"], int(config["patch_size"]), int(config["global_size"])
-    except KeyError as exc:
-        raise ExportError(f"{path}: the checkpoint's config lacks {exc}") from exc
-    from training.import_weights import backbone_from_state  # import_weights builds on this module
-
-    backbone = backbone_from_state(arch, patch_size, image_size, backbone_state_dict(checkpoint["teacher"]), f"{arch}/{patch_size} ({path})")
-    meta = {
-        "source": str(Path(path).resolve()),
-        "source_format": CHECKPOINT_FORMAT,
-        "source_sha256": sha256_file(path),
-        "epoch": checkpoint.get("epoch"),
-        "step": checkpoint.get("step"),
-        "knn": checkpoint.get("knn"),
-    }
-    return backbone, config, meta
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-
-
-def add_export_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``dino export`` and ``dino import``."""
-    parser.add_argument("--output", required=True, help="model folder to write, e.g. models/NAME")
-    parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
-    parser.add_argument("--resize-size", type=int, default=None, help="shorter-side resize before the centre crop (default: image size * 8/7)")
-    parser.add_argument("--fp16", action="store_true", help=f"also write {FP16_FILE} (float16 compute) for GPU serving")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})")
-
-
-def export_with_options(backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int,
-                        image_size: int, provenance: dict) -> dict:
-    """:func:`export_backbone` into ``args.output`` with the options of :func:`add_export_options`."""
-    output = Path(args.output)
-    return export_backbone(
-        backbone,
-        output,
-        name=args.name or output.name,
-        arch=arch,
-        patch_size=patch_size,
-        image_size=image_size,
-        resize_size=args.resize_size,
-        provenance=provenance,
-        fp16=args.fp16,
-        opset=args.opset,
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by 'dino train' (RUN/checkpoint.pth)")
-    parser.add_argument("--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)")
-    parser.add_argument("--knn-result", default=None, help="JSON written by 'dino knn --checkpoint' for this checkpoint, recorded in model.json")
-    add_export_options(parser)
-
-
-def print_summary(metadata: dict, output_dir: Path) -> None:
-    """What ``dino export``/``dino import`` print: files, sizes, checker, export time, parity."""
-    print(f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, dynamic H/W: {metadata['dynamic_hw']})")
-    for filename in (MODEL_FILE, FP16_FILE):
-        info = metadata["export"].get(filename)
-        if info is None:
-            continue
-        diffs = info["ort_cpu_max_abs_diff"]
-        parity = "not checked" if diffs is None else ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-        print(
-            f"  {filename}: {info['file_bytes'] / 1e6:.1f} MB, onnx.checker {info['onnx_checker']}, "
-            f"exported in {info['export_seconds']:.1f} s, ORT CPU vs PyTorch max abs diff: {parity}"
-        )
-    print(f"  sha256 {metadata['sha256']}")
-
-
-#: libraries whose INFO logs describe the exporter's internal graph passes, not the user's model
-NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
-
-
-def configure_logging() -> None:
-    """INFO logs to stderr for the CLI commands (unless the caller configured logging already)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def read_knn_result(path: str | Path, meta: dict) -> dict:
-    """A ``dino knn --checkpoint`` result file, checked to belong to the exported checkpoint (same epoch)."""
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"--knn-result {path}: cannot read a JSON result ({exc})") from exc
-    if not isinstance(result, dict) or not {"top1", "top5", "epoch"} <= set(result):
-        raise ExportError(f"--knn-result {path}: not a 'dino knn --checkpoint' result (needs top1, top5, epoch)")
-    if result["epoch"] != meta.get("epoch"):
-        raise ExportError(f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}")
-    return result
-
-
-def main(args: argparse.Namespace) -> int:
-    configure_logging()
-    try:
-        backbone, config, meta = load_checkpoint_teacher(args.checkpoint)
-        output = Path(args.output)
-        provenance = {**meta, "training_config": config}
-        if args.knn_result:
-            provenance["knn_eval"] = read_knn_result(args.knn_result, meta)
-        metadata = export_with_options(
-            backbone,
-            args,
-            arch=config["arch"],
-            patch_size=int(config["patch_size"]),
-            image_size=args.image_size or int(config["global_size"]),
-            provenance=provenance,
-        )
-    except ExportError as exc:
-        print(f"dino export: {exc}", file=sys.stderr)
-        return 1
-    print_summary(metadata, output)
-    return 0

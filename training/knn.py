@@ -17,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch.nn as nn
@@ -25,14 +26,29 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
+from dino.images import IMAGE_EXTENSIONS, load_rgb
 from training.augmentation import eval_transform
-from training.data import IMAGE_EXTENSIONS, DataError, load_rgb
+from training.backbone import build_backbone
+from training.data import DataError
+from training.distributed import DeviceError, resolve_device
+from training.weights import WeightsError, load_checkpoint_teacher
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 QUERY_CHUNK = 256  # queries per similarity matmul, bounds memory for large galleries
+
+
+class KnnResult(TypedDict):
+    """Accuracy of the weighted k-NN vote, in percent, and the protocol it was measured with."""
+
+    top1: float
+    top5: float
+    k: int
+    temperature: float
+    n_train: int  #: gallery images
+    n_val: int  #: query images
 
 
 def _is_image(path: str) -> bool:
@@ -81,7 +97,7 @@ def weighted_knn(
     num_classes: int,
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
-) -> dict:
+) -> KnnResult:
     """Top-1/top-5 accuracy (%) of the weighted k-NN vote; features must be L2-normalised."""
     k = min(k, train_features.shape[0])
     correct1 = correct5 = 0
@@ -96,8 +112,8 @@ def weighted_knn(
         correct1 += (top[:, 0] == targets).sum().item()
         correct5 += (top == targets[:, None]).any(dim=1).sum().item()
     n = test_features.shape[0]
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "k": k, "temperature": temperature,
-            "n_train": int(train_features.shape[0]), "n_val": int(n)}
+    return KnnResult(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, k=k, temperature=temperature,
+                     n_train=int(train_features.shape[0]), n_val=int(n))
 
 
 def evaluate_knn(
@@ -111,7 +127,7 @@ def evaluate_knn(
     max_images: int = 0,
     batch_size: int = 128,
     num_workers: int = 2,
-) -> dict:
+) -> KnnResult:
     """Full protocol: features of both splits, then the weighted vote. ``backbone=None``: pixels."""
     transform = eval_transform(image_size)
     train_set, classes = labelled_folder(train_dir, transform, max_images)
@@ -154,15 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.backbone import build_backbone
-    from training.checkpoint import load_checkpoint
-    from training.train import resolve_device
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    device = resolve_device(args.device)
     meta: dict = {}
     image_size = args.image_size
+    backbone: nn.Module | None
     try:
+        device = resolve_device(args.device)
         if args.baseline == "pixels":
             backbone = None
             meta["model"] = "raw pixels"
@@ -171,16 +184,15 @@ def main(args: argparse.Namespace) -> int:
             path = Path(args.checkpoint)
             if not path.is_file():
                 raise DataError(f"checkpoint {str(path)!r} not found")
-            ckpt = load_checkpoint(path)
-            cfg = ckpt["config"]
+            teacher, cfg, ckpt_meta = load_checkpoint_teacher(path)  # weights_only: no pickled code runs
             image_size = image_size or cfg["global_size"]
-            torch.manual_seed(args.seed)
-            backbone = build_backbone(cfg["arch"], cfg["patch_size"], cfg["global_size"])
-            if args.baseline != "random":
-                state = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
-                backbone.load_state_dict(state)
+            if args.baseline == "random":
+                torch.manual_seed(args.seed)
+                backbone = build_backbone(cfg["arch"], cfg["patch_size"], cfg["global_size"])
+            else:
+                backbone = teacher
             meta.update(model="random init" if args.baseline else "teacher", checkpoint=str(path),
-                        epoch=ckpt.get("epoch"), arch=cfg["arch"], patch_size=cfg["patch_size"])
+                        epoch=ckpt_meta["epoch"], arch=cfg["arch"], patch_size=cfg["patch_size"])
         elif args.baseline == "random":
             torch.manual_seed(args.seed)
             image_size = image_size or 224
@@ -192,18 +204,18 @@ def main(args: argparse.Namespace) -> int:
         if backbone is not None:
             backbone.to(device)
         start = time.time()
-        result = evaluate_knn(backbone, args.train, args.val, image_size, device, args.k, args.temperature,
+        knn = evaluate_knn(backbone, args.train, args.val, image_size, device, args.k, args.temperature,
                               args.max_images, args.batch_size, args.num_workers)
-    except DataError as exc:
+    except (DataError, DeviceError, WeightsError) as exc:
         print(f"dino knn: {exc}", file=sys.stderr)
         return 1
-    result.update(meta, image_size=image_size, seconds=round(time.time() - start, 1),
-                  train=str(args.train), val=str(args.val))
-    print(f"k-NN ({meta.get('model')}, k={result['k']}, T={result['temperature']}, "
-          f"{result['n_train']} gallery / {result['n_val']} queries): "
-          f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    record = {**knn, **meta, "image_size": image_size, "seconds": round(time.time() - start, 1),
+              "train": str(args.train), "val": str(args.val)}
+    print(f"k-NN ({meta.get('model')}, k={knn['k']}, T={knn['temperature']}, "
+          f"{knn['n_train']} gallery / {knn['n_val']} queries): "
+          f"top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
     output = Path(args.output) if args.output else (
         Path(args.checkpoint).with_name("knn.json") if args.checkpoint and not args.baseline else Path("knn.json"))
-    output.write_text(json.dumps(result, indent=2))
+    output.write_text(json.dumps(record, indent=2))
     print(f"wrote {output}")
     return 0

@@ -31,6 +31,7 @@ from training.backbone import build_backbone, set_fused_attention
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
 from training.data import DataError, UnlabelledImageFolder, collate_skip_none
+from training.distributed import DeviceError, init_distributed, is_main_process, resolve_device, shutdown_distributed
 from training.head import DINOHead
 from training.knn import evaluate_knn
 from training.loss import DINOLoss
@@ -45,31 +46,6 @@ CURVES_NAME = "curves.png"
 CONFIG_NAME = "config.yaml"
 #: seeds of successive epochs are spaced so that per-rank offsets never collide
 EPOCH_SEED_STRIDE = 1000
-
-
-# ---------------------------------------------------------------- runtime set-up
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, device) when not under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
 
 
 class EpochSampler(Sampler[int]):
@@ -279,14 +255,14 @@ class Trainer:
             return
         if self.main:
             t0 = time.time()
-            result = evaluate_knn(self.teacher.backbone, cfg.knn_train, cfg.knn_val,
-                                  cfg.knn_image_size or cfg.global_size, self.device, cfg.knn_k,
-                                  cfg.knn_temperature, cfg.knn_max_images, num_workers=min(cfg.num_workers, 2))
-            result.update(type="knn", epoch=epoch, seconds=round(time.time() - t0, 1))
-            self.last_knn = result
-            self.log.write(result)
-            log.info("epoch %d k-NN top-1 %.2f%% top-5 %.2f%% (%.0fs)", epoch, result["top1"], result["top5"],
-                     result["seconds"])
+            knn = evaluate_knn(self.teacher.backbone, cfg.knn_train, cfg.knn_val,
+                               cfg.knn_image_size or cfg.global_size, self.device, cfg.knn_k,
+                               cfg.knn_temperature, cfg.knn_max_images, num_workers=min(cfg.num_workers, 2))
+            record = {**knn, "type": "knn", "epoch": epoch, "seconds": round(time.time() - t0, 1)}
+            self.last_knn = record
+            self.log.write(record)
+            log.info("epoch %d k-NN top-1 %.2f%% top-5 %.2f%% (%.0fs)", epoch, knn["top1"], knn["top5"],
+                     record["seconds"])
         if self.world_size > 1:
             dist.barrier()
 
@@ -461,17 +437,16 @@ def main(args: argparse.Namespace) -> int:
     if not cfg.data:
         print("dino train: --data is required (a folder of images)", file=sys.stderr)
         return 2
-    setup_logging(Path(cfg.output_dir), int(os.environ.get("RANK", "0")) == 0)
+    setup_logging(Path(cfg.output_dir), is_main_process())
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except (DataError, FloatingPointError) as exc:  # no images / a non-finite loss: a message, not a traceback
+    except (DataError, DeviceError, FloatingPointError) as exc:  # no images / a non-finite loss: a message, not a traceback
         print(f"dino train: {exc}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+        shutdown_distributed()
+    if is_main_process():
         knn = result.get("knn")
         knn_text = f", k-NN top-1 {knn['top1']:.2f}%" if knn else ""
         print(f"done: {result['epochs']} epochs, {result['steps']} steps{knn_text}; "

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.attention import mass_threshold_mask
-from service.model_folder import METADATA_FILE
+from dino.attention import mass_threshold_mask
+from dino.model_folder import METADATA_FILE
 
 DEFAULT_THRESHOLD = 0.6  #: fraction of attention mass kept by the mask column (DINO paper)
 DEFAULT_CELL = 224  #: side in pixels of each cell of the grid

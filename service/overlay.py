@@ -1,11 +1,9 @@
-"""DINO [CLS] attention maps: head selection, DINO's mass threshold, and the heatmap overlay PNG.
+"""The attention heatmap overlay PNG served by ``GET /attention``, with Pillow and NumPy only.
 
-The model's ``attention`` output is, per head, the last block's softmax attention of the [CLS]
-query over the N patch tokens (a [heads, N] array per image). Reshaped to the patch grid it is the
-map shown in the DINO paper. Rendering uses Pillow and NumPy only: the grid map is min-max
-normalised, upsampled (bicubic) to the centre crop the model saw, coloured with a viridis-like
-colormap and blended over the crop. With a threshold, the patches outside the kept attention mass
-are dimmed, as in DINO's ``visualize_attention.py`` (``--threshold``).
+The map (see :mod:`dino.attention`) is min-max normalised, upsampled (bicubic) to the centre crop
+the model saw, coloured with a viridis-like colormap and blended over the crop. With a threshold,
+the patches outside the kept attention mass are dimmed, as in DINO's ``visualize_attention.py``
+(``--threshold``).
 """
 from __future__ import annotations
 
@@ -30,29 +28,6 @@ COLORMAP = np.stack(
 HEATMAP_OPACITY = 0.6
 #: brightness kept by the pixels outside the thresholded attention mass
 DIM_OUTSIDE_MASK = 0.25
-
-
-def select_head(attention: np.ndarray, grid: tuple[int, int], head: int | None) -> np.ndarray:
-    """[heads, N] attention -> [rows, cols] map of one head, or the mean over heads (``head=None``)."""
-    rows, cols = grid
-    if attention.ndim != 2 or attention.shape[1] != rows * cols:
-        raise ValueError(f"attention of shape {attention.shape} does not fit a {rows}x{cols} patch grid")
-    chosen = attention.mean(axis=0) if head is None else attention[head]
-    return chosen.reshape(rows, cols).astype(np.float32)
-
-
-def mass_threshold_mask(attention_map: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the patches that hold the top ``fraction`` of the attention mass (DINO's
-    visualisation: sort ascending, normalise to sum 1, keep where the cumulative sum > 1 - fraction)."""
-    flat = attention_map.ravel().astype(np.float64)
-    total = flat.sum()
-    if total <= 0:
-        return np.ones(attention_map.shape, dtype=bool)
-    order = np.argsort(flat, kind="stable")
-    cumulative = np.cumsum(flat[order] / total)
-    keep = np.empty(flat.shape, dtype=bool)
-    keep[order] = cumulative > (1.0 - fraction)
-    return keep.reshape(attention_map.shape)
 
 
 def render_overlay(crop: Image.Image, attention_map: np.ndarray, mask: np.ndarray | None = None) -> bytes:

@@ -1,6 +1,8 @@
-"""The ``dino`` command. Each subcommand lives in its own module and is imported only when used,
-so that the serving install (no torch) can run ``dino serve`` while ``dino train`` needs the
-``train`` extra.
+"""The ``dino`` command: the one place that names both ``training`` and ``service``.
+
+Each subcommand lives in its own module of one of them and is imported only when used, so that the
+serving install (no torch) can run ``dino serve`` while ``dino train`` needs the ``train`` extra.
+Several processes or machines train with ``torchrun -m dino.cli train ...``.
 
 A command module exposes ``add_arguments(parser)`` and ``main(args) -> int`` (the exit code).
 """
@@ -10,11 +12,13 @@ import argparse
 import importlib
 import sys
 
+#: the project's own packages: a missing module of these is a bug, not a missing extra
+PROJECT_PACKAGES = ("dino", "training", "service")
 #: name -> (module, one-line help, extra that provides its dependencies)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.train", "train DINO on an image folder (resumes if the output folder has a checkpoint)", "train"),
     "knn": ("training.knn", "weighted k-NN evaluation of a checkpoint's teacher (DINO protocol)", "train"),
-    "export": ("training.export", "export a checkpoint's teacher backbone to an ONNX model folder", "train"),
+    "export": ("training.export_cli", "export a checkpoint's teacher backbone to an ONNX model folder", "train"),
     "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
     "index": ("service.index_cli", "build a gallery index offline", "serve"),
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("training", "service"):
+        if exc.name and exc.name.split(".")[0] in PROJECT_PACKAGES:
             raise
         print(
             f"dino {name}: missing dependency {exc.name!r}; install the '{extra}' extra: pip install '.[{extra}]'",

@@ -1,0 +1,192 @@
+"""Images from untrusted bytes and from folders, with Pillow and NumPy only (no torch, no HTTP).
+
+The one home of what training and serving must agree on about pixels: which files are images
+(:func:`list_image_files`), how bytes are decoded (:func:`decode_image`), how the EXIF orientation is
+applied and how every Pillow mode becomes 8-bit RGB (:func:`to_rgb`), so that a model is trained on
+the pixels it is later served.
+
+Decoding is defensive, because the bytes come from anyone:
+
+- only raster formats with Pillow's own decoders are opened (no EPS/PostScript, which would start
+  Ghostscript, and no other plugin that shells out);
+- the width and height are read from the header and checked against ``max_pixels`` *before* the
+  pixels are decoded, so decompression bombs and absurd headers (a 65000x65000 JPEG of a few hundred
+  bytes) are refused without allocating anything (:class:`ImageTooLarge`);
+- undecodable input is :class:`UnsupportedImage` (not an image / unknown format) or
+  :class:`InvalidImage` (empty, truncated, corrupt).
+
+The errors carry a message and no transport status: the service maps them to HTTP answers in its
+exception handlers (``service.app``), training skips the file and counts it.
+
+Then the EXIF orientation is applied, the first frame of an animated image is used, and every
+Pillow mode is converted to 8-bit RGB as follows (:func:`to_rgb`):
+
+==================================  ===============================================================
+mode                                conversion
+==================================  ===============================================================
+RGB                                 unchanged
+1, L                                grey replicated to R, G, B (mode 1: 0 or 255)
+P without transparency              palette looked up
+RGBA, LA, La, RGBa, PA, and P, L,   alpha composited over white: ``a * colour + (1 - a) * 255``
+RGB with a transparency key
+I;16, I;16B, I;16L, I;16N           16-bit grey scaled by the 16-bit range: ``v * 255 / 65535``
+I (32-bit integer)                  0..255 kept, 0..65535 scaled as 16-bit, else min-max stretched
+F (32-bit float)                    0..1 scaled by 255, 0..255 kept, else min-max stretched; NaN -> 0
+CMYK, YCbCr, LAB, HSV, others       Pillow's ``convert("RGB")`` (no ICC colour management)
+==================================  ===============================================================
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+#: file extensions treated as images when a folder is scanned (training data, gallery builds)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"})
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Image files below ``root`` (recursive, sorted so that every run sees the same order)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+Image.init()
+#: Pillow formats accepted from clients: pure raster decoders (no plugin that runs external programs)
+ACCEPTED_FORMATS = tuple(
+    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN
+)
+WHITE = (255, 255, 255, 255)
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+UINT16_MAX = 65535.0
+
+
+class ImageInputError(Exception):
+    """Image bytes or a file that cannot be used; ``detail`` is a message fit for the person who sent it."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ImageTooLarge(ImageInputError):
+    """Too many pixels (decompression bomb, absurd header) or too many bytes."""
+
+
+class UnsupportedImage(ImageInputError):
+    """Not an image, or a format/pixel mode the service does not decode."""
+
+
+class InvalidImage(ImageInputError):
+    """An image format we know, but the data is empty, truncated or corrupt."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode untrusted bytes into an 8-bit RGB image (EXIF orientation applied, first frame).
+
+    Raises :class:`ImageInputError` subclasses with a message fit for the client.
+    """
+    if not data:
+        raise InvalidImage("empty file: no image data")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage(
+            f"not a supported image: the data is not one of {', '.join(ACCEPTED_FORMATS)}"
+        ) from exc
+    except Exception as exc:  # a known format whose header is corrupt (SyntaxError, OSError, struct.error, ...)
+        raise InvalidImage(f"corrupt image header: {exc}") from exc
+    # No close(): the bytes are in memory, and closing would invalidate an image returned unchanged
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_pixels} pixels"
+        )
+    # Animated GIF/WebP/APNG and multi-page TIFF: Image.open is positioned on the first frame already;
+    # seek(0) makes that explicit (and is a no-op for single-frame images).
+    try:
+        img.seek(0)
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image too large: {exc}") from exc
+    except MemoryError as exc:
+        raise ImageTooLarge("image too large to decode") from exc
+    except Exception as exc:  # OSError "image file is truncated", ValueError for oversized chunks, ...
+        raise InvalidImage(f"corrupt or truncated {img.format} image: {exc}") from exc
+    try:
+        return to_rgb(apply_exif_orientation(img))
+    except ImageInputError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLarge("image too large to convert") from exc
+    except Exception as exc:  # a decoded image Pillow cannot convert (exotic mode/palette)
+        raise InvalidImage(f"cannot convert the {img.mode} image to RGB: {exc}") from exc
+
+
+def apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says (a photo taken in portrait is stored sideways).
+
+    A malformed EXIF block is ignored (the pixels are still valid) rather than refused.
+    """
+    try:
+        transposed = ImageOps.exif_transpose(img)
+    except Exception as exc:  # malformed EXIF: Pillow raises various errors while parsing it
+        log.debug("ignoring malformed EXIF data: %s", exc)
+        return img
+    return img if transposed is None else transposed
+
+
+def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a single-channel 16-bit, 32-bit integer or float image to 0..255 (see the module table)."""
+    v = values.astype(np.float64)
+    finite = np.isfinite(v)
+    v = np.where(finite, v, 0.0)  # NaN and +-inf carry no intensity: black
+    if mode in SIXTEEN_BIT_MODES:
+        scaled = v * (255.0 / UINT16_MAX)
+    else:
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            scaled = v * 255.0
+        elif lo >= 0.0 and hi <= 255.0:
+            scaled = v
+        elif mode == "I" and lo >= 0.0 and hi <= UINT16_MAX:
+            scaled = v * (255.0 / UINT16_MAX)
+        elif hi > lo:
+            scaled = (v - lo) * (255.0 / (hi - lo))
+        else:
+            scaled = np.zeros_like(v)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB as documented in the module's table."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        grey = _grey_to_uint8(np.asarray(img), mode)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if img.has_transparency_data:
+        # Transparent pixels have no defined colour: composite them over white, like a browser page
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise UnsupportedImage(f"unsupported pixel mode {mode!r}") from exc
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image file fully (so that truncation is detected now), apply its EXIF orientation and
+    convert it to RGB exactly as :func:`decode_image` does, so that training sees the served pixels."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(apply_exif_orientation(img))

@@ -1,0 +1,115 @@
+"""``dino export``: a ``dino train`` checkpoint's teacher backbone as an ONNX model folder.
+
+Also the options and the summary shared with ``dino import`` (:mod:`training.import_weights`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch.nn as nn
+
+from training.export import DEFAULT_OPSET, FP16_FILE, MIN_OPSET, MODEL_FILE, export_backbone
+from training.export_graph import ExportError
+from training.weights import WeightsError, load_checkpoint_teacher
+
+
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``dino export`` and ``dino import``."""
+    parser.add_argument("--output", required=True, help="model folder to write, e.g. models/NAME")
+    parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
+    parser.add_argument("--resize-size", type=int, default=None, help="shorter-side resize before the centre crop (default: image size * 8/7)")
+    parser.add_argument("--fp16", action="store_true", help=f"also write {FP16_FILE} (float16 compute) for GPU serving")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})")
+
+
+def export_with_options(backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int,
+                        image_size: int, provenance: dict) -> dict:
+    """:func:`export_backbone` into ``args.output`` with the options of :func:`add_export_options`."""
+    output = Path(args.output)
+    return export_backbone(
+        backbone,
+        output,
+        name=args.name or output.name,
+        arch=arch,
+        patch_size=patch_size,
+        image_size=image_size,
+        resize_size=args.resize_size,
+        provenance=provenance,
+        fp16=args.fp16,
+        opset=args.opset,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by 'dino train' (RUN/checkpoint.pth)")
+    parser.add_argument("--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)")
+    parser.add_argument("--knn-result", default=None, help="JSON written by 'dino knn --checkpoint' for this checkpoint, recorded in model.json")
+    add_export_options(parser)
+
+
+def print_summary(metadata: dict, output_dir: Path) -> None:
+    """What ``dino export``/``dino import`` print: files, sizes, checker, export time, parity."""
+    print(f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, dynamic H/W: {metadata['dynamic_hw']})")
+    for filename in (MODEL_FILE, FP16_FILE):
+        info = metadata["export"].get(filename)
+        if info is None:
+            continue
+        diffs = info["ort_cpu_max_abs_diff"]
+        parity = "not checked" if diffs is None else ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+        print(
+            f"  {filename}: {info['file_bytes'] / 1e6:.1f} MB, onnx.checker {info['onnx_checker']}, "
+            f"exported in {info['export_seconds']:.1f} s, ORT CPU vs PyTorch max abs diff: {parity}"
+        )
+    print(f"  sha256 {metadata['sha256']}")
+
+
+#: libraries whose INFO logs describe the exporter's internal graph passes, not the user's model
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+
+
+def configure_logging() -> None:
+    """INFO logs to stderr for the CLI commands (unless the caller configured logging already)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def read_knn_result(path: str | Path, meta: dict) -> dict:
+    """A ``dino knn --checkpoint`` result file, checked to belong to the exported checkpoint (same epoch)."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--knn-result {path}: cannot read a JSON result ({exc})") from exc
+    if not isinstance(result, dict) or not {"top1", "top5", "epoch"} <= set(result):
+        raise ExportError(f"--knn-result {path}: not a 'dino knn --checkpoint' result (needs top1, top5, epoch)")
+    if result["epoch"] != meta.get("epoch"):
+        raise ExportError(f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}")
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging()
+    try:
+        backbone, config, meta = load_checkpoint_teacher(args.checkpoint)
+        output = Path(args.output)
+        provenance = {**meta, "training_config": config}
+        if args.knn_result:
+            provenance["knn_eval"] = read_knn_result(args.knn_result, meta)
+        metadata = export_with_options(
+            backbone,
+            args,
+            arch=config["arch"],
+            patch_size=int(config["patch_size"]),
+            image_size=args.image_size or int(config["global_size"]),
+            provenance=provenance,
+        )
+    except (ExportError, WeightsError) as exc:
+        print(f"dino export: {exc}", file=sys.stderr)
+        return 1
+    print_summary(metadata, output)
+    return 0
