@@ -22,10 +22,11 @@ import time
 import zlib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import ServerProcess, free_port  # noqa: F401  (used by the test modules)
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_MODEL = {"arch": "vit_tiny", "patch_size": 8, "image_size": 64, "seed": 0}
@@ -169,74 +170,6 @@ def multipart(*images: bytes, field: str = "images") -> list:
 # --------------------------------------------------------------------------------------------------
 # a real server process
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m dino.cli serve`` on a free port of 127.0.0.1, logs to a file."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *, index_dir: Path | None = None, env: dict | None = None):
-        self.model_dir = model_dir
-        self.index_dir = index_dir
-        self.log_path = log_path
-        self.extra_env = env or {}
-        self.process: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90.0) -> "ServerProcess":
-        self.port = free_port()
-        command = [sys.executable, "-m", "dino.cli", "serve", "--model", str(self.model_dir), "--port", str(self.port)]
-        if self.index_dir is not None:
-            command += ["--index", str(self.index_dir)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DINO_PREPROCESS_THREADS": "2", **self.extra_env}
-        env = {k: v for k, v in env.items() if v is not None}
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def stop(self) -> bool:
-        """Graceful stop (SIGTERM, as a process manager would); True when the app shut down cleanly.
-
-        uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM."""
-        if self.process is None or self.process.poll() is not None:
-            return False
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return False
-        return code in (0, -signal.SIGTERM) and "Application shutdown complete." in self.log()
-
-    def kill(self) -> None:
-        """kill -9: no cleanup of any kind in the server."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
 
 
 def image_array(img: Image.Image) -> np.ndarray:
