@@ -25,6 +25,7 @@ Usage::
 Writes ``benchmarks/results/faiss_search.json`` (``--out``) after every size, so a long run that is
 interrupted keeps the sizes already measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -210,8 +211,7 @@ def bench_size(n: int, args, centres, spreads, queries, rng) -> dict:
 
 
 HEADER = (
-    f"{'n':>9} {'index':<14} {'efS':>5} {'build_s':>8} {'recall@k':>9} "
-    f"{'p50_ms':>8} {'p99_ms':>8} {'batch_qps':>10}"
+    f"{'n':>9} {'index':<14} {'efS':>5} {'build_s':>8} {'recall@k':>9} {'p50_ms':>8} {'p99_ms':>8} {'batch_qps':>10}"
 )
 
 
@@ -234,7 +234,9 @@ def _print_row(row: dict, k: int) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated gallery sizes (default: 100000,1000000)")
     p.add_argument("--dim", type=int, default=384, help="embedding dimension (384 = ViT-S, 768 = ViT-B)")
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and batched throughput")
@@ -245,7 +247,8 @@ def parse_args(argv=None):
     p.add_argument("--ef-search", default="16,64,128", help="comma-separated efSearch values")
     p.add_argument("--clusters", type=int, default=1000, help="Gaussian-mixture centres")
     p.add_argument(
-        "--spread", default="1.0,2.0",
+        "--spread",
+        default="1.0,2.0",
         help="min,max noise norm per cluster (uniform); larger = harder for HNSW (default 1.0,2.0)",
     )
     p.add_argument("--threads", type=int, default=0, help="OpenMP threads (0 = the CPUs this process may use)")
@@ -302,9 +305,11 @@ def main(argv=None) -> int:
         report["machine"]["loadavg_at_end"] = list(os.getloadavg())
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\nrecall@{args.k} vs exact flat; latency = one query per search() call over "
-          f"{args.latency_queries} queries; batch_qps = {args.queries} queries in one call; "
-          f"{threads} OpenMP threads")
+    print(
+        f"\nrecall@{args.k} vs exact flat; latency = one query per search() call over "
+        f"{args.latency_queries} queries; batch_qps = {args.queries} queries in one call; "
+        f"{threads} OpenMP threads"
+    )
     print(HEADER)
     print("-" * len(HEADER))
     for res in report["results"]:

@@ -26,6 +26,7 @@ Usage::
 
 Writes ``benchmarks/results/inference_cpu.json`` (``inference_cuda.json`` with ``--provider cuda``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,11 @@ def time_runs(run, batch: int, warmup: int, min_seconds: float, min_iters: int, 
         sync()
         iters += 1
     elapsed = time.perf_counter() - start
-    return {"img_per_s": round(batch * iters / elapsed, 2), "ms_per_batch": round(1000 * elapsed / iters, 2), "iters": iters}
+    return {
+        "img_per_s": round(batch * iters / elapsed, 2),
+        "ms_per_batch": round(1000 * elapsed / iters, 2),
+        "iters": iters,
+    }
 
 
 def ort_session(path: Path, provider: str, threads: int):
@@ -167,7 +172,9 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
         x = photos if photos is not None else rng.standard_normal((PARITY_PHOTOS, 3, size, size), dtype=np.float32)
         fp32 = sessions["fp32"].run(list(OUTPUT_NAMES), {"image": x})
         fp16 = sessions["fp16"].run(list(OUTPUT_NAMES), {"image": x})
-        result["fp16_vs_fp32_max_abs_diff"] = {n: float(np.abs(a - b).max()) for n, a, b in zip(OUTPUT_NAMES, fp32, fp16)}
+        result["fp16_vs_fp32_max_abs_diff"] = {
+            n: float(np.abs(a - b).max()) for n, a, b in zip(OUTPUT_NAMES, fp32, fp16)
+        }
         result["fp16_parity_input"] = "real photos" if photos is not None else "random"
         log.info("fp16 vs fp32: %s", result["fp16_vs_fp32_max_abs_diff"])
 
@@ -177,7 +184,13 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
         for precision, session in sessions.items():
             row = {"batch": batch, "engine": "onnxruntime", "precision": precision}
             try:
-                row |= time_runs(lambda: session.run(list(OUTPUT_NAMES), {"image": x}), batch, args.warmup, args.min_seconds, args.min_iters)
+                row |= time_runs(
+                    lambda: session.run(list(OUTPUT_NAMES), {"image": x}),
+                    batch,
+                    args.warmup,
+                    args.min_seconds,
+                    args.min_iters,
+                )
             except Exception as exc:  # e.g. out of GPU memory at large batches: record and go on
                 row["error"] = str(exc).splitlines()[0]
             result["rows"].append(row)
@@ -214,7 +227,9 @@ def print_table(results: list[dict]) -> None:
             ms = f"{row['ms_per_batch']:.1f}" if "ms_per_batch" in row else ""
             print(f"| {res['model']} | {row['batch']} | {row['engine']} | {row['precision']} | {ips} | {ms} |")
         if "fp16_vs_fp32_max_abs_diff" in res:
-            print(f"\n{res['model']}: fp16 vs fp32 max abs diff ({res['fp16_parity_input']}): {res['fp16_vs_fp32_max_abs_diff']}")
+            print(
+                f"\n{res['model']}: fp16 vs fp32 max abs diff ({res['fp16_parity_input']}): {res['fp16_vs_fp32_max_abs_diff']}"
+            )
     for res in results:
         rows = {(r["batch"], r["engine"], r["precision"]): r.get("img_per_s") for r in res["rows"]}
         for batch in sorted({r["batch"] for r in res["rows"]}):
@@ -228,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=[], help="exported model folders to benchmark too")
     parser.add_argument("--no-builtin", action="store_true", help="skip the random-init ViT-S/16 at 224 px")
     parser.add_argument("--provider", choices=sorted(ORT_PROVIDERS), default="cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 32 on CPU, 1..256 on CUDA")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 32 on CPU, 1..256 on CUDA"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of both engines")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--min-iters", type=int, default=3, help="per measurement")
-    parser.add_argument("--output", type=Path, default=None, help="JSON file (default benchmarks/results/inference_<provider>.json)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="JSON file (default benchmarks/results/inference_<provider>.json)"
+    )
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or list(BATCHES[args.provider])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -261,7 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             backbone = build_backbone(BUILTIN["arch"], BUILTIN["patch_size"], BUILTIN["image_size"]).eval()
             folder = Path(tmp) / "vit_small16-random"
             start = time.perf_counter()
-            export_backbone(backbone, folder, name=folder.name, provenance={"source": "random init"}, fp16=args.provider == "cuda", **BUILTIN)
+            export_backbone(
+                backbone,
+                folder,
+                name=folder.name,
+                provenance={"source": "random init"},
+                fp16=args.provider == "cuda",
+                **BUILTIN,
+            )
             log.info("exported the built-in model in %.1f s", time.perf_counter() - start)
             results.append(bench_model(folder, args, backbone))
         for model in args.models:

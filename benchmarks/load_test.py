@@ -36,6 +36,7 @@ Usage::
     .venv/bin/python benchmarks/load_test.py --model models/NAME --provider cuda
     .venv/bin/python benchmarks/load_test.py --server-env DINO_INTRA_OP_THREADS=2 --server-env DINO_PREPROCESS_THREADS=1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -166,8 +167,22 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None
     if not Path(exe).exists():
         print("py-spy not found (pip install py-spy): no profile", flush=True)
         return None
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50", "--format", "raw",
-           "--threads", "--nonblocking", "--output", str(out)]
+    cmd = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        "50",
+        "--format",
+        "raw",
+        "--threads",
+        "--nonblocking",
+        "--output",
+        str(out),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -198,7 +213,9 @@ def summarise_py_spy(path: Path, top: int = 25) -> dict:
         total += n
 
     def pct(d):
-        return {k: round(100 * v / total, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]} if total else {}
+        return (
+            {k: round(100 * v / total, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]} if total else {}
+        )
 
     return {"samples": total, "by_thread_pct": pct(per_thread), "inclusive_pct": pct(inclusive), "leaf_pct": pct(leaf)}
 
@@ -207,7 +224,11 @@ def machine_info() -> dict:
     """The shared machine description plus onnxruntime's version and providers."""
     import onnxruntime as ort
 
-    return {**shared_machine_info(), "onnxruntime": ort.__version__, "ort_available_providers": ort.get_available_providers()}
+    return {
+        **shared_machine_info(),
+        "onnxruntime": ort.__version__,
+        "ort_available_providers": ort.get_available_providers(),
+    }
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -237,7 +258,13 @@ def export_random_model(out_dir: Path, fp16: bool) -> Path:
 
     backbone = build_backbone("vit_small", 16, 224)
     export_backbone(
-        backbone, out_dir, name="vit_small16-random", arch="vit_small", patch_size=16, image_size=224, fp16=fp16,
+        backbone,
+        out_dir,
+        name="vit_small16-random",
+        arch="vit_small",
+        patch_size=16,
+        image_size=224,
+        fp16=fp16,
         provenance={"source": "random init (benchmarks/load_test.py)"},
     )
     return out_dir
@@ -281,11 +308,33 @@ def start_server(model_dir: Path, port: int, env: dict, log_path: Path, launcher
     if launcher == "auto":
         launcher = "cli" if (REPO / "service" / "server.py").is_file() else "uvicorn"
     if launcher == "cli":
-        cmd = [sys.executable, "-m", "dino.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dino.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
     else:
         env = {**env, "DINO_MODEL_DIR": str(model_dir)}
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app_from_env",
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.app:create_app_from_env",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
     log = open(log_path, "wb")
     print(f"starting server: {' '.join(cmd)}  (log: {log_path})", flush=True)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -346,8 +395,16 @@ def steady_rate(done_at: list[float], lo: float = 0.1, hi: float = 0.9, burst_ga
     return (j - i) / (t[j] - t[i]) if t[j] > t[i] else None
 
 
-async def run_load(base: str, photos: list[tuple[str, bytes]], n: int, concurrency: int, deadline: float,
-                   timeout: float, headers: dict, offset: int = 0) -> dict:
+async def run_load(
+    base: str,
+    photos: list[tuple[str, bytes]],
+    n: int,
+    concurrency: int,
+    deadline: float,
+    timeout: float,
+    headers: dict,
+    offset: int = 0,
+) -> dict:
     """``n`` POST /embed requests, ``concurrency`` in flight (stops sending at ``deadline``, a
     ``time.monotonic()`` value); returns latencies, completion times and errors."""
     import httpx
@@ -404,8 +461,12 @@ async def run_load(base: str, photos: list[tuple[str, bytes]], n: int, concurren
 
 # -------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="model folder (model.json + model.onnx); default: export a random-init ViT-S/16")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, help="model folder (model.json + model.onnx); default: export a random-init ViT-S/16"
+    )
     p.add_argument("--keep-model", type=Path, help="export the random-init model here (reused when it exists)")
     p.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument("--requests", type=int, default=2000)
@@ -419,15 +480,31 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=540.0, help="stop sending requests after this long")
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
-    p.add_argument("--server-env", action="append", default=[], metavar="DINO_X=V",
-                   help="setting for the server (and the raw run), e.g. DINO_INTRA_OP_THREADS=2; repeatable")
-    p.add_argument("--launcher", choices=("auto", "cli", "uvicorn"), default="auto",
-                   help="cli: python -m dino.cli serve; uvicorn: uvicorn --factory service.app:create_app_from_env")
-    p.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
-                   help="profile the server with py-spy for this long during the load (0: no profile)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="DINO_X=V",
+        help="setting for the server (and the raw run), e.g. DINO_INTRA_OP_THREADS=2; repeatable",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("auto", "cli", "uvicorn"),
+        default="auto",
+        help="cli: python -m dino.cli serve; uvicorn: uvicorn --factory service.app:create_app_from_env",
+    )
+    p.add_argument(
+        "--py-spy",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="profile the server with py-spy for this long during the load (0: no profile)",
+    )
     p.add_argument("--goal", type=float, default=0.8, help="served/raw ratio to reach (CPU)")
     p.add_argument("--out", type=Path)
-    p.add_argument("--server-log", type=Path, help="keep the server's log here (default: a temp file, printed on failure)")
+    p.add_argument(
+        "--server-log", type=Path, help="keep the server's log here (default: a temp file, printed on failure)"
+    )
     return p.parse_args(argv)
 
 
@@ -481,8 +558,15 @@ def main(argv=None) -> int:
                 "server_env": overrides,
                 "settings": {
                     k: getattr(settings, k)
-                    for k in ("provider", "use_fp16", "intra_op_threads", "max_batch_size", "max_batch_wait_ms",
-                              "preprocess_threads", "max_queue_size")
+                    for k in (
+                        "provider",
+                        "use_fp16",
+                        "intra_op_threads",
+                        "max_batch_size",
+                        "max_batch_wait_ms",
+                        "preprocess_threads",
+                        "max_queue_size",
+                    )
                 },
                 "note": "raw = onnxruntime on preprocessed float32 tensors (excludes JPEG decode, resize, HTTP); "
                 "served = POST /embed end to end (includes them). Client and server share this machine's CPUs.",
@@ -490,8 +574,13 @@ def main(argv=None) -> int:
         }
 
         # ---- raw onnxruntime, same settings as the server (the session stays loaded for the raw phases)
-        model = OnnxModel(model_dir, provider=settings.provider, use_fp16=settings.use_fp16,
-                          verify_sha256=False, intra_op_threads=settings.intra_op_threads)
+        model = OnnxModel(
+            model_dir,
+            provider=settings.provider,
+            use_fp16=settings.use_fp16,
+            verify_sha256=False,
+            intra_op_threads=settings.intra_op_threads,
+        )
         pre = Preprocessor.for_model(model.spec, settings.max_image_pixels)
         t0 = time.perf_counter()
         tensors = [pre.prepare(data).tensor for _, data in photos]
@@ -499,15 +588,22 @@ def main(argv=None) -> int:
         report["preprocess_single_thread_ms_per_img"] = prep_s * 1e3
         report["provider_active"] = model.provider
         report["model_file"] = model.file
-        print(f"model {model.name} ({model.file}) on {model.provider}; intra-op threads {settings.intra_op_threads or 'default'}",
-              flush=True)
+        print(
+            f"model {model.name} ({model.file}) on {model.provider}; intra-op threads {settings.intra_op_threads or 'default'}",
+            flush=True,
+        )
         print(f"preprocess (decode+resize+normalise, 1 thread): {prep_s * 1e3:.1f} ms/img", flush=True)
 
         def raw_phase(label: str) -> dict:
-            result = raw_throughput(model, tensors[: args.raw_batch], args.raw_batch, args.raw_seconds, args.raw_min_batches)
+            result = raw_throughput(
+                model, tensors[: args.raw_batch], args.raw_batch, args.raw_seconds, args.raw_min_batches
+            )
             result["label"] = label
-            print(f"  raw onnxruntime ({label}): {result['img_per_s']:.2f} img/s at batch {args.raw_batch} "
-                  f"(preprocessed tensors, no decode/HTTP)", flush=True)
+            print(
+                f"  raw onnxruntime ({label}): {result['img_per_s']:.2f} img/s at batch {args.raw_batch} "
+                f"(preprocessed tensors, no decode/HTTP)",
+                flush=True,
+            )
             return result
 
         # ---- server
@@ -548,15 +644,20 @@ def main(argv=None) -> int:
         spy_out = tmp_root / "py-spy.txt"
         spy = None
         offset = 0
-        print(f"load: {args.requests} x POST /embed (1 photo each), concurrency {args.concurrency}, "
-              f"in {rounds} rounds between raw phases ...", flush=True)
+        print(
+            f"load: {args.requests} x POST /embed (1 photo each), concurrency {args.concurrency}, "
+            f"in {rounds} rounds between raw phases ...",
+            flush=True,
+        )
         for r, n in enumerate(per_round):
             if time.monotonic() >= deadline:
                 break
             cpu0, threads0, client0 = cpu_seconds(proc.pid), thread_cpu(proc.pid), time.process_time()
             if r == 0 and args.py_spy > 0:
                 spy = start_py_spy(proc.pid, args.py_spy, spy_out)
-            phase = asyncio.run(run_load(base, photos, n, args.concurrency, deadline, args.request_timeout, headers, offset))
+            phase = asyncio.run(
+                run_load(base, photos, n, args.concurrency, deadline, args.request_timeout, headers, offset)
+            )
             offset += n
             cpu1, threads1 = cpu_seconds(proc.pid), thread_cpu(proc.pid)
             client_cpu += time.process_time() - client0
@@ -571,8 +672,11 @@ def main(argv=None) -> int:
             phase["raw_img_per_s_around"] = raw_here
             phase["served_over_raw"] = served_rate / raw_here if raw_here else None
             phases.append(phase)
-            print(f"  round {r + 1}: {phase['ok']} ok, {phase['errors']} errors, served {phase['img_per_s']:.2f} img/s "
-                  f"(steady {served_rate:.2f}) -> served/raw {phase['served_over_raw']:.3f}", flush=True)
+            print(
+                f"  round {r + 1}: {phase['ok']} ok, {phase['errors']} errors, served {phase['img_per_s']:.2f} img/s "
+                f"(steady {served_rate:.2f}) -> served/raw {phase['served_over_raw']:.3f}",
+                flush=True,
+            )
         sampler.stop()
         rss_after = rss_mb(proc.pid)
         metrics_after = parse_prometheus(httpx.get(f"{base}/metrics", headers=headers, timeout=10).text)
@@ -598,8 +702,9 @@ def main(argv=None) -> int:
             "server_cpu_s": cpu_total,
             "server_cpu_cores_busy": cpu_total / wall if wall else None,
             "server_cpu_s_event_loop_thread": threads_total.get(proc.pid, 0.0),
-            "server_cpu_s_other_threads_top": sorted((round(v, 2) for t, v in threads_total.items() if t != proc.pid),
-                                                     reverse=True)[:12],
+            "server_cpu_s_other_threads_top": sorted(
+                (round(v, 2) for t, v in threads_total.items() if t != proc.pid), reverse=True
+            )[:12],
             "client_cpu_s": client_cpu,
         }
         batches = metric_delta(metrics_before, metrics_after, "dino_batch_size_count")
@@ -620,8 +725,12 @@ def main(argv=None) -> int:
         }
         report["served"] = served
         report["raw_phases"] = raws
-        report["rss_mb"] = {"idle_after_ready": rss_idle, "after_warmup": rss_warm, "peak_during_load": sampler.peak,
-                            "after_load": rss_after}
+        report["rss_mb"] = {
+            "idle_after_ready": rss_idle,
+            "after_warmup": rss_warm,
+            "peak_during_load": sampler.peak,
+            "after_load": rss_after,
+        }
         if spy is not None:
             try:
                 _, err = spy.communicate(timeout=args.py_spy + 60)
@@ -672,21 +781,30 @@ def main(argv=None) -> int:
             ("ORT busy fraction (server)", f"{sm['onnxruntime_busy_fraction'] or 0:.2f}"),
             ("preprocess ms/img (server, wall)", f"{sm['preprocess_ms_mean'] or 0:.1f}"),
             ("server CPU cores busy", f"{served['server_cpu_cores_busy'] or 0:.2f}"),
-            ("server CPU s: event loop / all", f"{served['server_cpu_s_event_loop_thread']:.1f} / {served['server_cpu_s']:.1f}"),
+            (
+                "server CPU s: event loop / all",
+                f"{served['server_cpu_s_event_loop_thread']:.1f} / {served['server_cpu_s']:.1f}",
+            ),
             ("load-client CPU s", f"{served['client_cpu_s']:.1f}"),
             ("RSS MiB idle / after load", f"{rss_idle or 0:.0f} / {rss_after or 0:.0f}"),
             ("RSS MiB after warm-up / peak", f"{rss_warm or 0:.0f} / {sampler.peak:.0f}"),
         ]
         for name, value in rows:
             print(f"{name:<40}{value:>14}")
-        print(f"\nraw excludes JPEG decode/resize/HTTP; served includes them. provider {report['provider_active']}; "
-              f"load average at start {report['machine']['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}.")
+        print(
+            f"\nraw excludes JPEG decode/resize/HTTP; served includes them. provider {report['provider_active']}; "
+            f"load average at start {report['machine']['loadavg_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}."
+        )
         if report["raw_spread"] and report["raw_spread"] > 1.3:
-            print(f"warning: raw throughput varied {report['raw_spread']:.1f}x between phases: the machine is shared; "
-                  "trust the per-round ratios more than the absolute numbers")
+            print(
+                f"warning: raw throughput varied {report['raw_spread']:.1f}x between phases: the machine is shared; "
+                "trust the per-round ratios more than the absolute numbers"
+            )
         if "py_spy" in report and "by_thread_pct" in report["py_spy"]:
             prof = report["py_spy"]
-            print(f"\npy-spy ({prof['samples']} on-CPU samples of Python threads; ORT's own pool threads are native, not seen):")
+            print(
+                f"\npy-spy ({prof['samples']} on-CPU samples of Python threads; ORT's own pool threads are native, not seen):"
+            )
             print("  by thread:", json.dumps(prof["by_thread_pct"]))
             for name, value in list(prof["inclusive_pct"].items())[:15]:
                 print(f"  {value:5.1f}%  {name}")
@@ -695,7 +813,9 @@ def main(argv=None) -> int:
         if served["errors"]:
             print("error examples:", *served["error_examples"], sep="\n  ")
         if served["stopped_by_deadline"]:
-            print(f"stopped by --max-seconds {args.max_seconds:.0f}: {served['requests_sent']} of {args.requests} requests sent")
+            print(
+                f"stopped by --max-seconds {args.max_seconds:.0f}: {served['requests_sent']} of {args.requests} requests sent"
+            )
         print(f"wrote {out}")
         return 0 if served["errors"] == 0 else 1
     finally:

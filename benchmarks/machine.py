@@ -3,6 +3,7 @@
 This machine is shared and noisy, so each result keeps the load average at the start next to the
 hardware; each benchmark adds its own library versions and settings to this dict.
 """
+
 from __future__ import annotations
 
 import datetime as dt

@@ -21,6 +21,7 @@ Without ``--model`` the model is the one ``dino serve`` serves by default (the f
 
 ``tests/browser/test_page.py`` runs the same code (into a temporary folder) as a pytest test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,11 +88,26 @@ def running_server(model_dir: Path, log_path: Path, ready_timeout: float = 300.0
     import httpx
 
     port = free_port()
-    env = {**os.environ, "DINO_PROVIDER": os.environ.get("DINO_PROVIDER", "cpu"), "DINO_LOG_LEVEL": "warning",
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        "DINO_PROVIDER": os.environ.get("DINO_PROVIDER", "cpu"),
+        "DINO_LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
     env.pop("DINO_INDEX_DIR", None)
     env.pop("DINO_API_KEY", None)
-    cmd = [sys.executable, "-m", "dino.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dino.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -99,12 +115,16 @@ def running_server(model_dir: Path, log_path: Path, ready_timeout: float = 300.0
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {ready_timeout:.0f}s:\n{log_path.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"server not ready after {ready_timeout:.0f}s:\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.25)
         yield base
     finally:
@@ -208,14 +228,18 @@ def headless_chromium(chromium: str, width: int, height: int, startup_timeout: f
         deadline = time.monotonic() + startup_timeout
         while not (port_file.is_file() and port_file.read_text().strip()):
             if proc.poll() is not None:
-                raise RuntimeError(f"chromium exited ({proc.returncode}): {proc.stderr.read().decode(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"chromium exited ({proc.returncode}): {proc.stderr.read().decode(errors='replace')[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"chromium did not open its DevTools port in {startup_timeout:.0f}s")
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         targets = []
         while not targets:
-            targets = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t.get("type") == "page"]
+            targets = [
+                t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t.get("type") == "page"
+            ]
             if not targets:
                 if time.monotonic() > deadline:
                     raise RuntimeError("chromium has no page target")
@@ -252,7 +276,9 @@ def wait_for(cdp: CDP, expression: str, timeout: float, what: str, describe: str
             return value
         if time.monotonic() > deadline:
             seen = cdp.evaluate(describe) if describe else None
-            raise PageError(f"timed out after {timeout:.0f}s waiting for {what}; page state: {seen}; JS errors: {cdp.js_errors()}")
+            raise PageError(
+                f"timed out after {timeout:.0f}s waiting for {what}; page state: {seen}; JS errors: {cdp.js_errors()}"
+            )
         time.sleep(0.25)
 
 
@@ -313,9 +339,16 @@ def screenshot_page(
         ids = index_gallery(base, gallery)
         with headless_chromium(chromium, width, 900) as cdp:
             cdp.send("Page.navigate", url=f"{base}/")
-            wait_for(cdp, "document.readyState === 'complete' && !!document.getElementById('file')", 60, "the page to load")
-            wait_for(cdp, f"document.getElementById('gallery-info').textContent.includes('{len(ids)} images')", 60,
-                     "the gallery info line", "document.getElementById('gallery-info').textContent")
+            wait_for(
+                cdp, "document.readyState === 'complete' && !!document.getElementById('file')", 60, "the page to load"
+            )
+            wait_for(
+                cdp,
+                f"document.getElementById('gallery-info').textContent.includes('{len(ids)} images')",
+                60,
+                "the gallery info line",
+                "document.getElementById('gallery-info').textContent",
+            )
             cdp.evaluate(f"document.getElementById('k').value = '{k}'")
             # choose the file in the page's <input type=file> (what a user's file dialog does)
             root = cdp.send("DOM.getDocument", depth=0)["root"]["nodeId"]
@@ -338,7 +371,9 @@ def screenshot_page(
             state = cdp.evaluate(PAGE_STATE_JS)
             # full-page screenshot: grow the viewport to the document's height
             height = int(cdp.evaluate("Math.ceil(document.documentElement.scrollHeight)"))
-            cdp.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+            cdp.send(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+            )
             time.sleep(0.3)  # one layout/paint after the resize
             shot = cdp.send("Page.captureScreenshot", format="png", captureBeyondViewport=False, fromSurface=True)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -352,15 +387,25 @@ def export_random_model(out_dir: Path, arch: str = "vit_small", patch: int = 16,
     from training.backbone import build_backbone
     from training.export import export_backbone
 
-    export_backbone(build_backbone(arch, patch, size), out_dir, name=f"{arch}{patch}-random", arch=arch,
-                    patch_size=patch, image_size=size, provenance={"source": "random init (benchmarks/screenshot_page.py)"})
+    export_backbone(
+        build_backbone(arch, patch, size),
+        out_dir,
+        name=f"{arch}{patch}-random",
+        arch=arch,
+        patch_size=patch,
+        image_size=size,
+        provenance={"source": "random init (benchmarks/screenshot_page.py)"},
+    )
     return out_dir
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path,
-                   help="model folder; default: dino serve's default model (first of models/), else a random-init ViT-S/16")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model folder; default: dino serve's default model (first of models/), else a random-init ViT-S/16",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--chromium", default=DEFAULT_CHROMIUM)
     p.add_argument("--gallery", type=int, default=20, help="imagenet-sample photos put in the gallery")
@@ -383,8 +428,17 @@ def main(argv=None) -> int:
                 print("no model in models/: exporting a random-init vit_small/16 @224 ...", flush=True)
                 model = export_random_model(tmp / "model")
         print(f"model: {model}", flush=True)
-        result = screenshot_page(model, args.out, chromium=args.chromium, gallery_size=args.gallery, query=args.query,
-                                 k=args.k, width=args.width, timeout=args.timeout, log_dir=tmp)
+        result = screenshot_page(
+            model,
+            args.out,
+            chromium=args.chromium,
+            gallery_size=args.gallery,
+            query=args.query,
+            k=args.k,
+            width=args.width,
+            timeout=args.timeout,
+            log_dir=tmp,
+        )
         print(json.dumps(result.state, indent=1))
         if result.js_errors:
             print("JS errors:", *result.js_errors, sep="\n  ")

@@ -9,6 +9,7 @@ read and augmented by the real data loader. Prints a table and writes JSON to be
     python benchmarks/train_throughput.py                 # CPU: fp32 and bf16 autocast side by side
     python benchmarks/train_throughput.py --device cuda   # GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,26 @@ from training.train import Trainer  # noqa: E402
 
 DATA_DIR = data_dir()
 CONFIGS = {
-    "cpu": dict(arch="vit_tiny", patch_size=4, global_size=32, local_size=16, local_crops=6, batch_size=64,
-                out_dim=4096, data=str(DATA_DIR / "cifar10" / "train")),
-    "cuda": dict(arch="vit_small", patch_size=16, global_size=224, local_size=96, local_crops=8, batch_size=64,
-                 out_dim=65536, data=str(DATA_DIR / "imagenette" / "train")),
+    "cpu": dict(
+        arch="vit_tiny",
+        patch_size=4,
+        global_size=32,
+        local_size=16,
+        local_crops=6,
+        batch_size=64,
+        out_dim=4096,
+        data=str(DATA_DIR / "cifar10" / "train"),
+    ),
+    "cuda": dict(
+        arch="vit_small",
+        patch_size=16,
+        global_size=224,
+        local_size=96,
+        local_crops=8,
+        batch_size=64,
+        out_dim=65536,
+        data=str(DATA_DIR / "imagenette" / "train"),
+    ),
 }
 #: the reference implementation's figures on this 2-core machine for the CPU config (issue #2)
 REFERENCE_CPU = {"img_s": 14.0, "peak_memory_gb": 3.8}
@@ -64,8 +81,12 @@ def measure(cfg: TrainConfig, warmup: int, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    result = {"img_s": images / elapsed, "step_s": elapsed / steps, "data_wait_fraction": data_wait / elapsed,
-              "precision": trainer.precision}
+    result = {
+        "img_s": images / elapsed,
+        "step_s": elapsed / steps,
+        "data_wait_fraction": data_wait / elapsed,
+        "precision": trainer.precision,
+    }
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
@@ -89,30 +110,53 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in precisions:
-            cfg = TrainConfig(**CONFIGS[args.device], output_dir=tmp, device=args.device, precision=precision,
-                              num_workers=args.num_workers, epochs=10, compile=args.compile)
+            cfg = TrainConfig(
+                **CONFIGS[args.device],
+                output_dir=tmp,
+                device=args.device,
+                precision=precision,
+                num_workers=args.num_workers,
+                epochs=10,
+                compile=args.compile,
+            )
             r = measure(cfg, args.warmup, args.steps)
             rows.append({"config": args.device, "precision": precision, **r})
             print(f"{precision}: {r['img_s']:.1f} img/s", file=sys.stderr)
     print("\n| config | precision | img/s | s/step | data wait | peak memory (GB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['precision']} | {r['img_s']:.1f} | {r['step_s']:.2f} | "
-              f"{100 * r['data_wait_fraction']:.0f}% | {r['peak_memory_gb']:.2f} |")
+        print(
+            f"| {r['config']} | {r['precision']} | {r['img_s']:.1f} | {r['step_s']:.2f} | "
+            f"{100 * r['data_wait_fraction']:.0f}% | {r['peak_memory_gb']:.2f} |"
+        )
     if args.device == "cpu":
         for r in rows:
-            print(f"{r['precision']}: {r['img_s'] / REFERENCE_CPU['img_s']:.2f}x the reference implementation's "
-                  f"{REFERENCE_CPU['img_s']} img/s (quoted, measured on this machine type)")
+            print(
+                f"{r['precision']}: {r['img_s'] / REFERENCE_CPU['img_s']:.2f}x the reference implementation's "
+                f"{REFERENCE_CPU['img_s']} img/s (quoted, measured on this machine type)"
+            )
     out = Path(args.output.format(device=args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "train_throughput", "config": CONFIGS[args.device], "steps": args.steps,
-        "warmup": args.warmup, "num_workers": args.num_workers, "results": rows,
-        "reference_cpu": REFERENCE_CPU if args.device == "cpu" else None,
-        "machine": {**machine, "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
-        "load_average_at_end": os.getloadavg(),
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "config": CONFIGS[args.device],
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "num_workers": args.num_workers,
+                "results": rows,
+                "reference_cpu": REFERENCE_CPU if args.device == "cpu" else None,
+                "machine": {
+                    **machine,
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                },
+                "load_average_at_end": os.getloadavg(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -5,6 +5,7 @@ query over the N patch tokens (a [heads, N] array per image). Reshaped to the pa
 map shown in the DINO paper (Caron et al. 2021, Fig. 1 and 3). NumPy only: the service renders
 these maps over photos and training scores and plots them.
 """
+
 from __future__ import annotations
 
 import numpy as np

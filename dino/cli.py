@@ -6,6 +6,7 @@ Several processes or machines train with ``torchrun -m dino.cli train ...``.
 
 A command module exposes ``add_arguments(parser)`` and ``main(args) -> int`` (the exit code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,11 @@ import sys
 PROJECT_PACKAGES = ("dino", "training", "service")
 #: name -> (module, one-line help, extra that provides its dependencies)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("training.train", "train DINO on an image folder (resumes if the output folder has a checkpoint)", "train"),
+    "train": (
+        "training.train",
+        "train DINO on an image folder (resumes if the output folder has a checkpoint)",
+        "train",
+    ),
     "knn": ("training.knn", "weighted k-NN evaluation of a checkpoint's teacher (DINO protocol)", "train"),
     "export": ("training.export_cli", "export a checkpoint's teacher backbone to an ONNX model folder", "train"),
     "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),

@@ -4,6 +4,7 @@ Tests, benchmarks and the evaluation commands read real photos (CIFAR-10, Imagen
 sample photos) from one read-only folder: ``$DINO_DATA_DIR`` when set, else ``shared/data`` beside
 the repository checkout.
 """
+
 from __future__ import annotations
 
 import os

@@ -35,6 +35,7 @@ F (32-bit float)                    0..1 scaled by 255, 0..255 kept, else min-ma
 CMYK, YCbCr, LAB, HSV, others       Pillow's ``convert("RGB")`` (no ICC colour management)
 ==================================  ===============================================================
 """
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 #: file extensions treated as images when a folder is scanned (training data, gallery builds)
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".avif"}
+)
 
 
 def list_image_files(root: Path) -> list[Path]:
@@ -97,9 +100,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise UnsupportedImage(
-            f"not a supported image: the data is not one of {', '.join(ACCEPTED_FORMATS)}"
-        ) from exc
+        raise UnsupportedImage(f"not a supported image: the data is not one of {', '.join(ACCEPTED_FORMATS)}") from exc
     except Exception as exc:  # a known format whose header is corrupt (SyntaxError, OSError, struct.error, ...)
         raise InvalidImage(f"corrupt image header: {exc}") from exc
     # No close(): the bytes are in memory, and closing would invalidate an image returned unchanged

@@ -3,6 +3,7 @@
 
 It imports neither torch nor onnxruntime, so that both sides can use it.
 """
+
 from __future__ import annotations
 
 import hashlib

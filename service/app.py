@@ -9,6 +9,7 @@ Errors: every error answer is JSON ``{"detail": ...}``. Client mistakes map to 4
 handlers below; anything unexpected is logged with its traceback and answered with a plain 500
 ``{"detail": "internal server error"}`` (no traceback leaks to the client).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -97,7 +98,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await state.start()
         log.info(
             "ready: model %s on %s, gallery %s (%d images)",
-            state.model.name, state.model.provider, settings.index_dir or "in memory", state.index.size,
+            state.model.name,
+            state.model.provider,
+            settings.index_dir or "in memory",
+            state.index.size,
         )
         try:
             yield

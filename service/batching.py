@@ -9,6 +9,7 @@ batch, so under load batches fill up without waiting at all.
 Only the outputs some image in the batch asked for are fetched from onnxruntime (copying
 ``patch_tokens`` off the GPU for every batch would waste bandwidth).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -160,4 +161,6 @@ class DynamicBatcher:
                 self.metrics.queue_wait_seconds.observe(started - job.enqueued)
         for i, job in enumerate(batch):
             if not job.future.done():
-                job.future.set_result({name: job_output[i] for name, job_output in results.items() if name in job.outputs})
+                job.future.set_result(
+                    {name: job_output[i] for name, job_output in results.items() if name in job.outputs}
+                )

@@ -1,4 +1,5 @@
 """FastAPI dependencies: the running service state and the optional API key."""
+
 from __future__ import annotations
 
 import secrets

@@ -29,6 +29,7 @@ Durability ("a crash at any moment leaves a loadable index holding every acknowl
 Ids are ``uuid4().hex`` (32 lowercase hex digits) made by the server; anything else is refused
 before it can reach a file path.
 """
+
 from __future__ import annotations
 
 import base64
@@ -518,7 +519,9 @@ class EmbeddingIndex:
         fsync_dir(self.path)
         self._write_generation(0)
         self._open_journal(0)
-        log.info("created gallery index %s (%s, dim %d, model %s)", self.path, self.index_type, self.dim, self.model_name)
+        log.info(
+            "created gallery index %s (%s, dim %d, model %s)", self.path, self.index_type, self.dim, self.model_name
+        )
 
     def _load(self, manifest_path: Path) -> None:
         assert self.path is not None
@@ -565,7 +568,11 @@ class EmbeddingIndex:
         replayed = self._replay_journal(self._journal_path(generation))
         log.info(
             "loaded gallery index %s: %d images (snapshot %d + %d journal entries), %s",
-            self.path, self.size, len(entries), replayed, stored_type,
+            self.path,
+            self.size,
+            len(entries),
+            replayed,
+            stored_type,
         )
         if not self.read_only:
             self._remove_leftovers()
@@ -583,7 +590,9 @@ class EmbeddingIndex:
         except (OSError, ValueError) as exc:
             raise GalleryError(f"{snapshot}: unreadable gallery snapshot: {exc}") from exc
         if vectors.ndim != 2 or vectors.shape != (len(entries), self.dim) or vectors.dtype != np.float32:
-            raise GalleryError(f"{snapshot}: embeddings {vectors.shape} do not match {len(entries)} entries of dim {self.dim}")
+            raise GalleryError(
+                f"{snapshot}: embeddings {vectors.shape} do not match {len(entries)} entries of dim {self.dim}"
+            )
         for entry in entries:
             if not isinstance(entry, dict) or not is_valid_image_id(entry.get("id")):
                 raise GalleryError(f"{snapshot}: invalid entry {str(entry)[:100]}")

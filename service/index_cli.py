@@ -7,6 +7,7 @@ same :class:`service.runtime.OnnxModel` and the same durable :class:`service.ind
 so ``dino serve --index OUTPUT`` serves the result as if the images had been POSTed to /index.
 Unreadable images are skipped and counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = commands.add_parser("build", help="embed an image folder into a gallery index folder")
     build.add_argument("--model", help="model folder (default: DINO_MODEL_DIR, else the first folder of models/)")
-    build.add_argument("--images", required=True, help="image folder; labels from subfolder names (DIR/<label>/<image>)")
+    build.add_argument(
+        "--images", required=True, help="image folder; labels from subfolder names (DIR/<label>/<image>)"
+    )
     build.add_argument("--output", required=True, help="index folder to create (serve it with 'dino serve --index')")
     build.add_argument("--append", action="store_true", help="add to an existing index folder instead of refusing it")
     build.add_argument("--batch-size", type=int, default=32, help="images per inference call (default 32)")
     build.add_argument("--threads", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="decoding threads")
     build.add_argument("--index-type", choices=["flat", "hnsw"], default=None, help="default: DINO_INDEX_TYPE or flat")
-    build.add_argument("--provider", choices=["auto", "cpu", "cuda"], default=None, help="default: DINO_PROVIDER or auto")
+    build.add_argument(
+        "--provider", choices=["auto", "cpu", "cuda"], default=None, help="default: DINO_PROVIDER or auto"
+    )
 
 
 def label_of(path: Path, root: Path) -> str | None:
@@ -78,7 +83,9 @@ def build_index(
     if not files:
         raise GalleryError(f"no images in {images_dir} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if (output / MANIFEST_FILE).exists() and not append:
-        raise GalleryError(f"{output} already holds a gallery index; pass --append to add to it, or choose a new folder")
+        raise GalleryError(
+            f"{output} already holds a gallery index; pass --append to add to it, or choose a new folder"
+        )
     index = open_index(
         settings,
         model,
@@ -99,9 +106,10 @@ def build_index(
     added = skipped = 0
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=threads) as pool, tqdm(
-            total=len(files), unit="img", desc="indexing", disable=not progress
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=threads) as pool,
+            tqdm(total=len(files), unit="img", desc="indexing", disable=not progress) as bar,
+        ):
             for start in range(0, len(files), batch_size):
                 batch = list(pool.map(prepare, files[start : start + batch_size]))
                 good = [(path, prepared, thumb) for path, prepared, thumb in batch if prepared is not None]

@@ -3,6 +3,7 @@
 Each app gets its own ``CollectorRegistry`` so that several apps in one process (tests) do not
 collide. With ``--workers N`` every worker process has its own registry: a scrape sees one worker.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,18 +25,27 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "dino_http_requests", "HTTP requests by route template, method and status code", ["route", "method", "status"], registry=r
+            "dino_http_requests",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.request_latency = Histogram(
-            "dino_http_request_duration_seconds", "HTTP request latency by route template", ["route", "method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "dino_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram("dino_batch_size", "images per onnxruntime call", buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram(
             "dino_queue_wait_seconds", "time an image waited in the batching queue", buckets=FAST_BUCKETS, registry=r
         )
         self.inference_seconds = Histogram(
-            "dino_inference_seconds", "duration of one onnxruntime call (a whole batch)", buckets=FAST_BUCKETS, registry=r
+            "dino_inference_seconds",
+            "duration of one onnxruntime call (a whole batch)",
+            buckets=FAST_BUCKETS,
+            registry=r,
         )
         self.preprocess_seconds = Histogram(
             "dino_preprocess_seconds", "decode + transform time of one image", buckets=FAST_BUCKETS, registry=r
@@ -84,4 +94,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            self.metrics.observe_request(template, scope.get("method", ""), status["code"], time.perf_counter() - started)
+            self.metrics.observe_request(
+                template, scope.get("method", ""), status["code"], time.perf_counter() - started
+            )

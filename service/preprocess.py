@@ -13,6 +13,7 @@ measured difference on real photos). For extreme aspect ratios only the crop win
 (Pillow's ``box`` argument, same filter and scale), so that a 4000x4 strip never becomes a 73000x73
 (or 256000x256) intermediate image.
 """
+
 from __future__ import annotations
 
 import io
@@ -143,4 +144,3 @@ def make_thumbnail(crop: Image.Image, size: int | None, quality: int) -> bytes:
     if size and crop.size != (size, size):
         crop = crop.resize((size, size), Image.Resampling.BICUBIC)
     return encode_jpeg(crop, quality)
-

@@ -1,5 +1,6 @@
 """HTTP routes. Handlers only parse, delegate to :class:`service.state.ServiceState` and format:
 decoding, inference, rendering and gallery disk work all run off the event loop."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,10 +47,19 @@ def _images_body(single: bool, gallery: bool = False) -> dict:
     multipart = {"images": files}
     json_props = {"images": encoded}
     if gallery:
-        multipart["labels"] = {"type": "array", "items": {"type": "string"}, "description": "one label for all, or one per image"}
-        multipart["metadata"] = {"type": "string", "description": "JSON object for all images, or a JSON list of objects (one per image)"}
+        multipart["labels"] = {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "one label for all, or one per image",
+        }
+        multipart["metadata"] = {
+            "type": "string",
+            "description": "JSON object for all images, or a JSON list of objects (one per image)",
+        }
         json_props["labels"] = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "null"]}}]}
-        json_props["metadata"] = {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": ["object", "null"]}}]}
+        json_props["metadata"] = {
+            "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": ["object", "null"]}}]
+        }
     note = "exactly one image" if single else "one or more images"
     return {
         "requestBody": {
@@ -181,8 +191,10 @@ ThresholdQuery = Annotated[
     float | None, Query(gt=0, le=1, description="keep the patches holding this fraction of the attention mass (DINO)")
 ]
 ATTENTION_RESPONSES = {
-    200: {"content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}},
-          "description": "the attention map (PNG overlay or JSON)"},
+    200: {
+        "content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}},
+        "description": "the attention map (PNG overlay or JSON)",
+    },
 }
 
 
@@ -201,7 +213,9 @@ async def attention(
     format: FormatQuery = "png",
     threshold: ThresholdQuery = None,
 ) -> Response:
-    upload = await read_upload(request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS)
+    upload = await read_upload(
+        request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS
+    )
     (prepared,) = await state.prepare([single_image(upload)], upload.names)
     return await _attention_answer(state, prepared, head, format, threshold)
 
@@ -252,7 +266,9 @@ KQuery = Annotated[int, Query(ge=1, description="number of neighbours")]
 )
 async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
     _check_k(k, state)
-    upload = await read_upload(request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS)
+    upload = await read_upload(
+        request, max_images=state.settings.max_images_per_request, field_names=SINGLE_IMAGE_FIELDS
+    )
     prepared = await state.prepare([single_image(upload)], upload.names)
     (query,) = await state.embed(prepared)
     return JSONResponse(await state.run_blocking(_neighbors_body, state, query, k, None))
@@ -277,7 +293,10 @@ async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -
     response_model=IndexAddResponse,
     summary="Add images to the gallery (answered once durable)",
     openapi_extra=_images_body(single=False, gallery=True),
-    responses={409: {"description": "the gallery is read-only"}, **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)}},
+    responses={
+        409: {"description": "the gallery is read-only"},
+        **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
+    },
 )
 async def index_add(request: Request, state: State) -> dict:
     upload = await read_upload(request, max_images=state.settings.max_images_per_request)
@@ -292,7 +311,9 @@ async def index_add(request: Request, state: State) -> dict:
     return {"ids": ids}
 
 
-@api_router.get("/index", tags=["gallery"], response_model=IndexInfo, summary="Gallery size, dimension, model and index type")
+@api_router.get(
+    "/index", tags=["gallery"], response_model=IndexInfo, summary="Gallery size, dimension, model and index type"
+)
 async def index_info(state: State) -> dict:
     return state.index.info()
 
@@ -360,4 +381,3 @@ async def openapi_schema(request: Request) -> JSONResponse:
 @ui_router.get("/docs")
 async def docs(request: Request) -> HTMLResponse:
     return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - API docs")
-

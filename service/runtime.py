@@ -4,6 +4,7 @@ The execution provider is chosen once at load: CUDA when asked for or, in ``auto
 usable NVIDIA GPU is present; the CPU otherwise. onnxruntime silently falls back to the CPU when the
 CUDA libraries are missing, so the *active* providers are read back from the session and logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,9 @@ class ModelSpec:
             raise ModelLoadError(f"{path}: expected a JSON object")
         version = raw.get("format_version", 1)
         if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise ModelLoadError(f"{path}: format_version {version} is not supported (known: {SUPPORTED_FORMAT_VERSIONS})")
+            raise ModelLoadError(
+                f"{path}: format_version {version} is not supported (known: {SUPPORTED_FORMAT_VERSIONS})"
+            )
         try:
             spec = cls(
                 name=str(raw["name"]),
@@ -100,7 +103,9 @@ class ModelSpec:
         if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
             raise ModelLoadError(f"{path}: mean and std must be 3 values (std > 0)")
         if spec.image_size <= 0 or spec.patch_size <= 0 or spec.image_size % spec.patch_size:
-            raise ModelLoadError(f"{path}: image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
+            raise ModelLoadError(
+                f"{path}: image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}"
+            )
         for filename in (spec.file, spec.fp16_file):
             # the file names come from a JSON file that may have been edited: keep them inside the folder
             if filename is not None and (Path(filename).name != filename or filename in (".", "..")):
@@ -189,7 +194,9 @@ class OnnxModel:
 
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != self.spec.input_name:
-            raise ModelLoadError(f"{path}: expected one input named {self.spec.input_name!r}, found {[i.name for i in inputs]}")
+            raise ModelLoadError(
+                f"{path}: expected one input named {self.spec.input_name!r}, found {[i.name for i in inputs]}"
+            )
         self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         missing = [name for name in OUTPUT_NAMES if name not in self.output_names]

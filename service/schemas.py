@@ -1,4 +1,5 @@
 """Response models of the HTTP API (they document the OpenAPI schema at /docs)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,7 +28,9 @@ class AttentionResponse(BaseModel):
     heads: int = Field(description="number of attention heads H")
     head: int | str = Field(description="the head shown, or 'mean' (average over heads)")
     attention: list[list[float]] = Field(description="rows x columns [CLS] attention weights (softmax values)")
-    mask: list[list[bool]] | None = Field(None, description="with ?threshold: the patches holding that fraction of the mass")
+    mask: list[list[bool]] | None = Field(
+        None, description="with ?threshold: the patches holding that fraction of the mass"
+    )
 
 
 class Neighbor(BaseModel):

@@ -9,6 +9,7 @@ read-only: several processes appending to one index folder would lose each other
 images with one worker (dynamic batching already keeps one accelerator busy) or build the gallery
 offline with ``dino index build``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,18 @@ FLAG_TO_SETTING = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (default: DINO_MODEL_DIR, else the first folder of models/)")
-    parser.add_argument("--index", help="gallery index folder, created if missing (default: DINO_INDEX_DIR, else in memory)")
+    parser.add_argument(
+        "--index", help="gallery index folder, created if missing (default: DINO_INDEX_DIR, else in memory)"
+    )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1; > 1 serves the gallery read-only)")
-    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime execution provider (default auto)")
-    parser.add_argument("--index-type", choices=["flat", "hnsw"], help="gallery search: exact (flat) or HNSW (default flat)")
+    parser.add_argument(
+        "--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime execution provider (default auto)"
+    )
+    parser.add_argument(
+        "--index-type", choices=["flat", "hnsw"], help="gallery search: exact (flat) or HNSW (default flat)"
+    )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], help="default info")
     parser.epilog = (
         "Every setting can also be given as an environment variable with the prefix DINO_ "

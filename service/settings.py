@@ -4,6 +4,7 @@ Every knob of the service lives here, so that ``dino serve`` flags, environment 
 configure the same object. Example: ``DINO_MAX_BATCH_SIZE=64 DINO_API_KEY=secret dino serve``.
 List settings (``DINO_CORS_ORIGINS``) accept a JSON list or a comma-separated string.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,12 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DINO_", extra="ignore", protected_namespaces=())
 
     # --- what to serve -------------------------------------------------------------------------
-    model_dir: Path | None = Field(None, description="model folder (model.json + model.onnx); default: first folder of <repo>/models")
+    model_dir: Path | None = Field(
+        None, description="model folder (model.json + model.onnx); default: first folder of <repo>/models"
+    )
     index_dir: Path | None = Field(
-        None, description="gallery index folder (created if missing); default: an in-memory gallery that is lost on exit"
+        None,
+        description="gallery index folder (created if missing); default: an in-memory gallery that is lost on exit",
     )
     index_read_only: bool = Field(
         False, description="serve the gallery without accepting changes (set automatically with --workers > 1)"
@@ -70,15 +74,21 @@ class ServiceSettings(BaseSettings):
     verify_sha256: bool = Field(True, description="check model.onnx against the sha256 recorded in model.json at load")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: onnxruntime's default)")
     max_batch_size: int = Field(32, ge=1, description="most images in one onnxruntime call")
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long the first queued image waits for others to join its batch")
-    max_queue_size: int = Field(2048, ge=1, description="images waiting for inference before requests are refused with 503")
+    max_batch_wait_ms: float = Field(
+        5.0, ge=0, description="how long the first queued image waits for others to join its batch"
+    )
+    max_queue_size: int = Field(
+        2048, ge=1, description="images waiting for inference before requests are refused with 503"
+    )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images off the event loop")
     warmup_batches: int = Field(2, ge=0, description="inference calls made before /readyz answers 200")
 
     # --- request limits ------------------------------------------------------------------------
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest request body (413 above)")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest decoded image (width x height, read from the header before decoding; 413 above)"
+        40_000_000,
+        ge=1,
+        description="largest decoded image (width x height, read from the header before decoding; 413 above)",
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 above)")
     max_neighbors: int = Field(1000, ge=1, description="largest k of /neighbors")
@@ -91,7 +101,9 @@ class ServiceSettings(BaseSettings):
     )
     hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
     hnsw_ef_construction: int = Field(200, ge=1, description="HNSW candidate list size while adding")
-    hnsw_ef_search: int = Field(128, ge=1, description="HNSW candidate list size while searching (raised to k if smaller)")
+    hnsw_ef_search: int = Field(
+        128, ge=1, description="HNSW candidate list size while searching (raised to k if smaller)"
+    )
     index_compact_every: int = Field(
         1000, ge=1, description="journal entries after which the gallery is compacted into a new snapshot"
     )

@@ -5,6 +5,7 @@ the app's lifespan runs it in a thread and then starts the batcher. Request hand
 state through :func:`service.dependencies.get_state` and use its async helpers, which keep all
 decoding, inference and disk work off the event loop.
 """
+
 from __future__ import annotations
 
 import asyncio

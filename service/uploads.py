@@ -11,6 +11,7 @@ The body size is capped by :class:`BodySizeLimitMiddleware` while it is received
 ``Content-Length`` above the limit is refused before reading anything, and a body that streams past
 the limit (chunked upload, lying header) is cut off as soon as it does, without buffering the rest.
 """
+
 from __future__ import annotations
 
 import base64
@@ -77,7 +78,11 @@ class BodySizeLimitMiddleware:
 
 async def _send_json(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -125,8 +130,10 @@ async def read_upload(request: Request, *, max_images: int, field_names: tuple[s
     """Parse the images (and other fields) of a multipart or JSON request body."""
     media_type = _media_type(request)
     if request.headers.get("content-length") == "0":
-        raise UploadError(f"empty request body: send the images as multipart/form-data files in the field '{field_names[0]}' "
-                          "or as JSON {\"images\": [\"<base64>\", ...]}")
+        raise UploadError(
+            f"empty request body: send the images as multipart/form-data files in the field '{field_names[0]}' "
+            'or as JSON {"images": ["<base64>", ...]}'
+        )
     if media_type == MULTIPART:
         upload = await _read_multipart(request, max_images, field_names)
     elif media_type in JSON_TYPES or media_type.endswith("+json"):
@@ -136,12 +143,14 @@ async def read_upload(request: Request, *, max_images: int, field_names: tuple[s
     else:
         raise UploadError(
             f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with files in the field "
-            f"'{field_names[0]}', or application/json {{\"images\": [\"<base64>\", ...]}}",
+            f'\'{field_names[0]}\', or application/json {{"images": ["<base64>", ...]}}',
             status_code=415,
         )
     if not upload.images:
-        raise UploadError(f"no image in the request: expected files in the multipart field '{field_names[0]}'"
-                          + (f" (got fields {sorted(upload.fields)})" if upload.fields else ""))
+        raise UploadError(
+            f"no image in the request: expected files in the multipart field '{field_names[0]}'"
+            + (f" (got fields {sorted(upload.fields)})" if upload.fields else "")
+        )
     return upload
 
 
@@ -177,7 +186,7 @@ async def _read_multipart(request: Request, max_images: int, field_names: tuple[
 async def _read_json(request: Request, max_images: int) -> Upload:
     body = await request.body()
     if not body:
-        raise UploadError("empty request body: expected JSON {\"images\": [\"<base64>\", ...]}")
+        raise UploadError('empty request body: expected JSON {"images": ["<base64>", ...]}')
     try:
         data = strict_json_loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -1,4 +1,5 @@
 """Shared fixtures: where the real image data lives."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`torchrun --nproc_per_node=2` on CPU (gloo): the global batch is split and the centre stays in sync."""
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,41 @@ def test_torchrun_two_processes_on_cpu(tmp_path, data_dir):
     for f in sorted((data_dir / "cifar10" / "train" / "dog").glob("*.jpg"))[:16]:
         shutil.copy(f, images / f.name)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dino.cli", "train", "--data", str(images), "--output-dir", str(out),
-           "--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16",
-           "--local-crops", "2", "--out-dim", "128", "--batch-size", "8", "--epochs", "1",
-           "--num-workers", "0", "--device", "cpu", "--head-bn"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dino.cli",
+        "train",
+        "--data",
+        str(images),
+        "--output-dir",
+        str(out),
+        "--arch",
+        "vit_tiny",
+        "--patch-size",
+        "8",
+        "--global-size",
+        "32",
+        "--local-size",
+        "16",
+        "--local-crops",
+        "2",
+        "--out-dim",
+        "128",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--head-bn",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

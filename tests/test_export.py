@@ -3,6 +3,7 @@
 One tiny random-init ViT (vit_tiny, patch 16, 64 px) is saved as a ``dino train`` checkpoint and
 exported once through the CLI (module-scoped fixture); the tests then inspect that model folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,7 +101,9 @@ def teacher(checkpoint) -> torch.nn.Module:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["teacher"]
     with torch.device("meta"):  # no random init: the weights are assigned right away
         backbone = build_backbone(ARCH, PATCH, SIZE)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, assign=True)
+    backbone.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, assign=True
+    )
     return backbone.eval()
 
 
@@ -112,8 +115,21 @@ def export_run(checkpoint, tmp_path_factory) -> tuple[Path, str]:
     knn_result.write_text(json.dumps(KNN_EVAL))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--fp16",
-                         "--knn-result", str(knn_result)]) == 0
+        assert (
+            cli.main(
+                [
+                    "export",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--output",
+                    str(out),
+                    "--fp16",
+                    "--knn-result",
+                    str(knn_result),
+                ]
+            )
+            == 0
+        )
     return out, printed.getvalue()
 
 
@@ -257,7 +273,10 @@ def test_attention_grid_png(model_dir, tmp_path, data_dir):
     folder = data_dir / "imagenet-sample"
     photos = [folder / PHOTOS[0], folder / PHOTOS[3]]
     out = tmp_path / "grid.png"
-    assert visualize_main(["--model", str(model_dir), "--images", *map(str, photos), "--output", str(out), "--cell", "64"]) == 0
+    assert (
+        visualize_main(["--model", str(model_dir), "--images", *map(str, photos), "--output", str(out), "--cell", "64"])
+        == 0
+    )
     with Image.open(out) as png:
         # rows: one per photo; columns: photo, mean overlay, 3 heads, thresholded mean
         expected = attention_grid(model_dir, photos, tmp_path / "again.png", cell=64).size
@@ -308,11 +327,28 @@ def test_attention_boxes_cli_with_random_baseline(model_dir, data_dir, tmp_path,
     from training.attention_boxes import main as boxes_main
 
     boxes = tmp_path / "boxes.json"
-    boxes.write_text(json.dumps({"boxes": {"n01440764_tench.JPEG": [0.08, 0.25, 0.86, 0.72],
-                                           "n01860187_black_swan.JPEG": [0.27, 0.0, 0.82, 0.9]}}))
+    boxes.write_text(
+        json.dumps(
+            {
+                "boxes": {
+                    "n01440764_tench.JPEG": [0.08, 0.25, 0.86, 0.72],
+                    "n01860187_black_swan.JPEG": [0.27, 0.0, 0.82, 0.9],
+                }
+            }
+        )
+    )
     out = tmp_path / "scores.json"
-    args = ["--model", str(model_dir), "--random-baseline", "--boxes", str(boxes),
-            "--images-dir", str(data_dir / "imagenet-sample"), "--output", str(out)]
+    args = [
+        "--model",
+        str(model_dir),
+        "--random-baseline",
+        "--boxes",
+        str(boxes),
+        "--images-dir",
+        str(data_dir / "imagenet-sample"),
+        "--output",
+        str(out),
+    ]
     assert boxes_main(args) == 0
     printed = capsys.readouterr().out
     assert "mean lift" in printed and "random-init" in printed

@@ -1,6 +1,7 @@
 """``dino import``: every accepted file layout, built here with random weights and the exact key names,
 parity of an imported official checkpoint on real photos, and clear errors for weights that do not fit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def _dino_head_state(prefix: str) -> dict[str, torch.Tensor]:
 
 def official_full_checkpoint(weights: dict, teacher_prefix: str) -> dict:
     """Layout of the official DINO ``*_full_checkpoint.pth`` (main_dino.py's save_dict)."""
-    teacher = {teacher_prefix + k: v for k, v in weights.items()} | _dino_head_state(teacher_prefix.replace("backbone.", "head."))
+    teacher = {teacher_prefix + k: v for k, v in weights.items()} | _dino_head_state(
+        teacher_prefix.replace("backbone.", "head.")
+    )
     student = {"module.backbone." + k: v + 0.5 for k, v in weights.items()} | _dino_head_state("module.head.")
     return {
         "student": student,
@@ -179,7 +182,9 @@ def test_position_embeddings_resampled_to_image_size(tmp_path):
     torch.save(at_224, path)
     backbone, _ = load_backbone_weights(path, ARCH, PATCH, SIZE)
     loaded = backbone.state_dict()
-    expected = timm.layers.resample_abs_pos_embed(at_224["pos_embed"], new_size=[SIZE // PATCH] * 2, num_prefix_tokens=1)
+    expected = timm.layers.resample_abs_pos_embed(
+        at_224["pos_embed"], new_size=[SIZE // PATCH] * 2, num_prefix_tokens=1
+    )
     assert loaded["pos_embed"].shape == (1, (SIZE // PATCH) ** 2 + 1, 192)
     torch.testing.assert_close(loaded["pos_embed"], expected)
     assert torch.equal(loaded["blocks.5.attn.qkv.weight"], at_224["blocks.5.attn.qkv.weight"])
@@ -188,7 +193,21 @@ def test_position_embeddings_resampled_to_image_size(tmp_path):
 def test_cli_import_official_full_checkpoint_parity(weights, tmp_path, capsys, data_dir):
     path = write_file("official_full", weights, tmp_path)
     out = tmp_path / "models" / "dino-tiny"
-    rc = cli.main(["import", "--weights", str(path), "--arch", ARCH, "--patch-size", str(PATCH), "--image-size", str(SIZE), "--output", str(out)])
+    rc = cli.main(
+        [
+            "import",
+            "--weights",
+            str(path),
+            "--arch",
+            ARCH,
+            "--patch-size",
+            str(PATCH),
+            "--image-size",
+            str(SIZE),
+            "--output",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "onnx.checker passed" in printed
@@ -213,7 +232,22 @@ def test_cli_import_official_full_checkpoint_parity(weights, tmp_path, capsys, d
 
 def _import_fails(path: Path, tmp_path: Path, capsys, *extra: str, arch: str = ARCH, patch: int = PATCH) -> str:
     out = tmp_path / "models" / "bad"
-    rc = cli.main(["import", "--weights", str(path), "--arch", arch, "--patch-size", str(patch), "--image-size", str(SIZE), "--output", str(out), *extra])
+    rc = cli.main(
+        [
+            "import",
+            "--weights",
+            str(path),
+            "--arch",
+            arch,
+            "--patch-size",
+            str(patch),
+            "--image-size",
+            str(SIZE),
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "Traceback" not in err and err.startswith("dino import: ")

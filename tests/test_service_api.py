@@ -1,5 +1,6 @@
 """The HTTP API through FastAPI's TestClient (the real app, real model, real photos): every route,
 auth, metrics, batching and the bad-input set."""
+
 from __future__ import annotations
 
 import base64
@@ -91,8 +92,19 @@ def test_health_readiness_docs_and_page(client):
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "model": "test-vit-tiny8", "provider": "CPUExecutionProvider"}
     schema = client.get("/openapi.json").json()
-    for path in ["/embed", "/attention", "/attention/{image_id}", "/neighbors", "/neighbors/{image_id}", "/index",
-                 "/index/{image_id}", "/index/{image_id}/image", "/healthz", "/readyz", "/metrics"]:
+    for path in [
+        "/embed",
+        "/attention",
+        "/attention/{image_id}",
+        "/neighbors",
+        "/neighbors/{image_id}",
+        "/index",
+        "/index/{image_id}",
+        "/index/{image_id}/image",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ]:
         assert path in schema["paths"], path
     assert "multipart/form-data" in schema["paths"]["/embed"]["post"]["requestBody"]["content"]
     assert "application/json" in schema["paths"]["/embed"]["post"]["requestBody"]["content"]
@@ -178,8 +190,10 @@ def test_gallery_add_search_show_delete(client):
     assert info["index_type"] == "flat" and info["persistent"] is True and info["read_only"] is False
 
     # JSON body, one label and one metadata object for all images
-    more = client.post("/index", json={"images": [base64.b64encode(photo_bytes(14)).decode()] * 2,
-                                       "labels": "dup", "metadata": {"k": "v"}}).json()["ids"]
+    more = client.post(
+        "/index",
+        json={"images": [base64.b64encode(photo_bytes(14)).decode()] * 2, "labels": "dup", "metadata": {"k": "v"}},
+    ).json()["ids"]
 
     best = client.post("/neighbors?k=3", files=multipart(photos[2])).json()["neighbors"]
     assert best[0]["id"] == ids[2] and best[0]["score"] > 0.999
@@ -204,12 +218,18 @@ def test_gallery_add_search_show_delete(client):
 
     deleted = client.delete(f"/index/{ids[3]}")
     assert deleted.status_code == 200 and deleted.json() == {"id": ids[3], "deleted": True}
-    for method, url in [("DELETE", f"/index/{ids[3]}"), ("GET", f"/index/{ids[3]}/image"),
-                        ("GET", f"/neighbors/{ids[3]}"), ("GET", f"/attention/{ids[3]}")]:
+    for method, url in [
+        ("DELETE", f"/index/{ids[3]}"),
+        ("GET", f"/index/{ids[3]}/image"),
+        ("GET", f"/neighbors/{ids[3]}"),
+        ("GET", f"/attention/{ids[3]}"),
+    ]:
         response = client.request(method, url)
         assert response.status_code == 404, url
         assert ids[3] in response.json()["detail"]
-    assert ids[3] not in [n["id"] for n in client.post("/neighbors?k=50", files=multipart(photos[3])).json()["neighbors"]]
+    assert ids[3] not in [
+        n["id"] for n in client.post("/neighbors?k=50", files=multipart(photos[3])).json()["neighbors"]
+    ]
 
 
 def test_gallery_field_validation(client):
@@ -227,7 +247,9 @@ def test_gallery_field_validation(client):
         response = client.post("/index", files=multipart(data, data), data=fields)
         assert response.status_code == 422, name
         assert isinstance(response.json()["detail"], str), name
-    assert client.post("/index", json={"images": [base64.b64encode(data).decode()], "metadata": [[1]]}).status_code == 422
+    assert (
+        client.post("/index", json={"images": [base64.b64encode(data).decode()], "metadata": [[1]]}).status_code == 422
+    )
     assert client.get("/index").json()["size"] == size  # nothing was added by a refused request
 
 
@@ -243,7 +265,11 @@ def bad_inputs() -> list[tuple[str, dict, set[int]]]:
     html = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
     return [
         ("empty body", {"content": b""}, {422}),
-        ("empty body, multipart type", {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, {400, 422}),
+        (
+            "empty body, multipart type",
+            {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+            {400, 422},
+        ),
         ("empty file", {"files": multipart(b"")}, {422}),
         ("non-image bytes", {"files": multipart(b"\x00\x01 definitely not an image " * 20)}, {415}),
         ("plain text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, {415}),
@@ -254,9 +280,17 @@ def bad_inputs() -> list[tuple[str, dict, set[int]]]:
         ("JPEG header claiming 65000x65000", {"files": multipart(with_jpeg_dimensions(jpeg, 65000, 65000))}, {413}),
         ("JPEG header claiming 8000x8000", {"files": multipart(with_jpeg_dimensions(jpeg, 8000, 8000))}, {413}),
         ("oversized upload", {"files": multipart(b"\xff" * (MAX_UPLOAD + 1))}, {413}),
-        ("oversized upload, chunked", {"content": iter([b"x" * 65536] * 40), "headers": {"content-type": "application/json"}}, {413}),
+        (
+            "oversized upload, chunked",
+            {"content": iter([b"x" * 65536] * 40), "headers": {"content-type": "application/json"}},
+            {413},
+        ),
         ("wrong field name", {"files": multipart(jpeg, field="file")}, {422}),
-        ("text in the images field", {"data": {"images": "not a file"}, "files": multipart(jpeg, field="other")}, {422}),
+        (
+            "text in the images field",
+            {"data": {"images": "not a file"}, "files": multipart(jpeg, field="other")},
+            {422},
+        ),
         ("url-encoded form", {"data": {"images": "not a file"}}, {415}),
         ("too many images", {"files": multipart(*[encode(Image.new("RGB", (8, 8)), "PNG")] * (MAX_IMAGES + 1))}, {413}),
         ("too many images, JSON", {"json": {"images": ["AAAA"] * (MAX_IMAGES + 1)}}, {413}),
@@ -281,8 +315,16 @@ def test_bad_inputs_are_refused_with_json_4xx(client):
     others = [
         ("GET /neighbors k=0", client.get(f"/neighbors/{'0' * 32}?k=0"), {422}),
         ("POST /neighbors k too large", client.post("/neighbors?k=100000", files=multipart(photo_bytes(0))), {422}),
-        ("POST /neighbors two images", client.post("/neighbors", files=multipart(photo_bytes(0), photo_bytes(1))), {422}),
-        ("POST /attention no image", client.post("/attention", files=multipart(photo_bytes(0), field="picture")), {422}),
+        (
+            "POST /neighbors two images",
+            client.post("/neighbors", files=multipart(photo_bytes(0), photo_bytes(1))),
+            {422},
+        ),
+        (
+            "POST /attention no image",
+            client.post("/attention", files=multipart(photo_bytes(0), field="picture")),
+            {422},
+        ),
         ("unknown id", client.get(f"/index/{'0' * 32}/image"), {404}),
         ("malformed id", client.get("/index/not-an-id/image"), {422}),
         ("path traversal id", client.get("/index/..%2F..%2Fetc%2Fpasswd/image"), {404, 422}),
@@ -365,11 +407,19 @@ def test_api_key_guards_every_route_but_health(model_dir):
         some_id = "0" * 32
         jpeg = photo_bytes(0)
         routes = [
-            ("GET", "/", {}), ("GET", "/docs", {}), ("GET", "/openapi.json", {}), ("GET", "/static/app.js", {}),
-            ("GET", "/metrics", {}), ("GET", "/index", {}), ("POST", "/embed", {"files": multipart(jpeg)}),
-            ("POST", "/attention", {"files": multipart(jpeg)}), ("GET", f"/attention/{some_id}", {}),
-            ("POST", "/neighbors", {"files": multipart(jpeg)}), ("GET", f"/neighbors/{some_id}", {}),
-            ("POST", "/index", {"files": multipart(jpeg)}), ("DELETE", f"/index/{some_id}", {}),
+            ("GET", "/", {}),
+            ("GET", "/docs", {}),
+            ("GET", "/openapi.json", {}),
+            ("GET", "/static/app.js", {}),
+            ("GET", "/metrics", {}),
+            ("GET", "/index", {}),
+            ("POST", "/embed", {"files": multipart(jpeg)}),
+            ("POST", "/attention", {"files": multipart(jpeg)}),
+            ("GET", f"/attention/{some_id}", {}),
+            ("POST", "/neighbors", {"files": multipart(jpeg)}),
+            ("GET", f"/neighbors/{some_id}", {}),
+            ("POST", "/index", {"files": multipart(jpeg)}),
+            ("DELETE", f"/index/{some_id}", {}),
             ("GET", f"/index/{some_id}/image", {}),
         ]
         for method, url, kwargs in routes:
@@ -383,9 +433,13 @@ def test_api_key_guards_every_route_but_health(model_dir):
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
         # CORS when configured: preflight from the allowed origin only
-        allowed = client.options("/embed", headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
+        allowed = client.options(
+            "/embed", headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+        )
         assert allowed.headers.get("access-control-allow-origin") == "http://example.test"
-        other = client.options("/embed", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+        other = client.options(
+            "/embed", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"}
+        )
         assert "access-control-allow-origin" not in other.headers
 
 

@@ -1,5 +1,6 @@
 """The FAISS gallery (service.index): persistence, crash leftovers, safety, search, and the offline
 ``dino index build`` command."""
+
 from __future__ import annotations
 
 import errno
@@ -45,7 +46,9 @@ def snapshot_of(index: EmbeddingIndex) -> dict:
 def test_gallery_survives_reopen_with_everything(tmp_path, index_type):
     vectors = unit_vectors(30)
     index = open_index(tmp_path / "g", index_type=index_type, compact_every=7)
-    ids = index.add(vectors[:10], [f"l{i}" for i in range(10)], [{"i": i} for i in range(10)], [b"jpeg%d" % i for i in range(10)])
+    ids = index.add(
+        vectors[:10], [f"l{i}" for i in range(10)], [{"i": i} for i in range(10)], [b"jpeg%d" % i for i in range(10)]
+    )
     ids += index.add(vectors[10:], None, None, [b"x"] * 20)
     for gone in ids[::5]:
         index.delete(gone)
@@ -129,7 +132,13 @@ def test_leftovers_of_an_interrupted_compaction_are_ignored_and_removed(tmp_path
     orphan.write_bytes(b"orphan")
     index = open_index(root, compact_every=4)
     assert set(index.ids()) == set(ids)
-    assert sorted(p.name for p in root.iterdir()) == [".lock", "images", "index.json", "journal-000001.log", "snapshot-000001"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".lock",
+        "images",
+        "index.json",
+        "journal-000001.log",
+        "snapshot-000001",
+    ]
     assert not orphan.exists()
     index.close()
 
@@ -194,13 +203,19 @@ def test_index_build_command_and_serving_its_output(model_dir, tmp_path, capsys)
     entries = [index.entry(i) for i in index.ids()]
     index.close()
     assert sorted(e["label"] for e in entries) == ["birds"] * 3 + ["fish"] * 2
-    assert {e["metadata"]["path"] for e in entries} == {f"fish/{p.name}" for p in photos[0:2]} | {f"birds/{p.name}" for p in photos[10:13]}
+    assert {e["metadata"]["path"] for e in entries} == {f"fish/{p.name}" for p in photos[0:2]} | {
+        f"birds/{p.name}" for p in photos[10:13]
+    }
 
     settings = ServiceSettings(model_dir=model_dir, index_dir=output, warmup_batches=1)
     with TestClient(create_app(settings)) as client:
         assert client.get("/index").json()["size"] == 5
         best = client.post("/neighbors?k=1", files=multipart(photos[11].read_bytes())).json()["neighbors"][0]
-        assert best["label"] == "birds" and best["metadata"]["path"] == f"birds/{photos[11].name}" and best["score"] > 0.999
+        assert (
+            best["label"] == "birds"
+            and best["metadata"]["path"] == f"birds/{photos[11].name}"
+            and best["score"] > 0.999
+        )
 
 
 def test_failed_journal_write_is_rolled_back(tmp_path, monkeypatch):

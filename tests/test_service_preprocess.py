@@ -1,5 +1,6 @@
 """Preprocessing of the service (Pillow + NumPy): safe decoding, mode conversions, and parity with
 the training evaluation transform (torchvision) on real photos."""
+
 from __future__ import annotations
 
 import io
@@ -147,8 +148,10 @@ def test_pixels_match_torchvision_eval_transform(image_size, resize_size):
         worst = max(worst, int(levels.max()))
         differing += int((levels > 0).sum())
         total += levels.size
-    print(f"\n[{image_size}/{resize_size}] service vs torchvision pixels: max {worst} grey levels, "
-          f"{100 * differing / total:.3f}% of values differ")
+    print(
+        f"\n[{image_size}/{resize_size}] service vs torchvision pixels: max {worst} grey levels, "
+        f"{100 * differing / total:.3f}% of values differ"
+    )
     assert worst <= 2
     assert differing / total < 0.01
 
@@ -173,6 +176,8 @@ def test_embeddings_match_torchvision_eval_transform(model_dir):
         return e / np.linalg.norm(e, axis=1, keepdims=True)
 
     diff = np.abs(embed(ours) - embed(theirs)).max()
-    print(f"\nservice vs torchvision preprocessing: max abs difference of L2-normalised embeddings {diff:.2e} "
-          f"({len(paths)} photos, {spec.image_size} px)")
+    print(
+        f"\nservice vs torchvision preprocessing: max abs difference of L2-normalised embeddings {diff:.2e} "
+        f"({len(paths)} photos, {spec.image_size} px)"
+    )
     assert diff < 1e-2

@@ -6,6 +6,7 @@ real exporter). Exporting takes ~20 s on two cores, so the folder is cached in p
 directory under a key made of the exporter's source and the torch/timm/onnx versions: a change to
 the exporter produces a fresh export.
 """
+
 from __future__ import annotations
 
 import functools

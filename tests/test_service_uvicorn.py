@@ -4,6 +4,7 @@ Covers every route with the API key on, upload limits over a socket, the gallery
 restart, and the crash test: ``kill -9`` during a stream of ``POST /index`` calls must lose no
 acknowledged add.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,7 +46,10 @@ def test_real_server_every_route_auth_limits_and_restart(model_dir, tmp_path):
             assert len(ids) == 4
             assert http.get("/index").json()["size"] == 4
             overlay = http.post("/attention?threshold=0.6", files=multipart(photos[1]))
-            assert overlay.headers["content-type"] == "image/png" and Image.open(io.BytesIO(overlay.content)).size == (64, 64)
+            assert overlay.headers["content-type"] == "image/png" and Image.open(io.BytesIO(overlay.content)).size == (
+                64,
+                64,
+            )
             assert http.post("/attention?format=json&head=2", files=multipart(photos[1])).json()["grid"] == [8, 8]
             assert http.get(f"/attention/{ids[0]}").headers["content-type"] == "image/png"
             assert http.get(f"/index/{ids[0]}/image").headers["content-type"] == "image/jpeg"
@@ -60,9 +64,13 @@ def test_real_server_every_route_auth_limits_and_restart(model_dir, tmp_path):
             assert "/embed" in http.get("/openapi.json").json()["paths"]
 
             # upload limits over a real socket: a declared oversized body, and one streamed without a length
-            declared = http.post("/embed", content=b"x" * (MAX_UPLOAD + 1), headers={"content-type": "application/json"})
+            declared = http.post(
+                "/embed", content=b"x" * (MAX_UPLOAD + 1), headers={"content-type": "application/json"}
+            )
             assert declared.status_code == 413 and "detail" in declared.json()
-            streamed = http.post("/embed", content=iter([b"x" * 65536] * 32), headers={"content-type": "application/json"})
+            streamed = http.post(
+                "/embed", content=iter([b"x" * 65536] * 32), headers={"content-type": "application/json"}
+            )
             assert streamed.status_code == 413 and "detail" in streamed.json()
             assert http.get("/readyz").status_code == 200  # still serving
         assert "active execution provider: CPUExecutionProvider" in server.log()

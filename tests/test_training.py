@@ -1,4 +1,5 @@
 """Training core: loss, centre, EMA, schedules, augmentation, head, and real short runs."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,29 @@ from training.train import update_teacher
 REPO = Path(__file__).resolve().parents[1]
 
 # a tiny, fast configuration used by every real run below
-TINY_RUN = ["--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16",
-            "--local-crops", "2", "--out-dim", "256", "--batch-size", "8", "--head-bn", "--lr", "0.002",
-            "--warmup-epochs", "0", "--num-workers", "0"]
+TINY_RUN = [
+    "--arch",
+    "vit_tiny",
+    "--patch-size",
+    "8",
+    "--global-size",
+    "32",
+    "--local-size",
+    "16",
+    "--local-crops",
+    "2",
+    "--out-dim",
+    "256",
+    "--batch-size",
+    "8",
+    "--head-bn",
+    "--lr",
+    "0.002",
+    "--warmup-epochs",
+    "0",
+    "--num-workers",
+    "0",
+]
 
 
 # ---------------------------------------------------------------- loss
@@ -224,9 +245,26 @@ def image_folder(tmp_path, data_dir) -> Path:
 def test_short_training_run_on_real_images(image_folder, tmp_path, data_dir):
     out = tmp_path / "run"
     knn_root = data_dir / "cifar10" / "test"
-    rc = dino(["train", "--data", str(image_folder), "--output-dir", str(out), "--epochs", "2", *TINY_RUN,
-               "--knn-train", str(data_dir / "cifar10" / "train"), "--knn-val", str(knn_root),
-               "--knn-max-images", "40", "--knn-every", "1"])
+    rc = dino(
+        [
+            "train",
+            "--data",
+            str(image_folder),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "2",
+            *TINY_RUN,
+            "--knn-train",
+            str(data_dir / "cifar10" / "train"),
+            "--knn-val",
+            str(knn_root),
+            "--knn-max-images",
+            "40",
+            "--knn-every",
+            "1",
+        ]
+    )
     assert rc == 0
     for name in ("checkpoint.pth", "log.jsonl", "curves.png", "config.yaml", "train.log"):
         assert (out / name).is_file(), name
@@ -251,14 +289,31 @@ def test_short_training_run_on_real_images(image_folder, tmp_path, data_dir):
     assert dino(["knn", "--checkpoint", str(out / "checkpoint.pth"), *split]) == 0
     result = json.loads((out / "knn.json").read_text())
     assert result["top1"] == pytest.approx(knn[-1]["top1"]) and result["n_val"] == 40
-    assert dino(["knn", "--baseline", "pixels", "--image-size", "32", *split, "--output", str(tmp_path / "px.json")]) == 0
+    assert (
+        dino(["knn", "--baseline", "pixels", "--image-size", "32", *split, "--output", str(tmp_path / "px.json")]) == 0
+    )
     assert 0 < json.loads((tmp_path / "px.json").read_text())["top1"] <= 100
     assert dino(["knn", "--checkpoint", str(tmp_path / "nope.pth"), *split]) == 1
 
 
 def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "dino.cli", "train", "--data", str(data), "--output-dir", str(out),
-            "--epochs", str(epochs), *TINY_RUN, "--num-workers", "1", "--seed", "3"]
+    return [
+        sys.executable,
+        "-m",
+        "dino.cli",
+        "train",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        *TINY_RUN,
+        "--num-workers",
+        "1",
+        "--seed",
+        "3",
+    ]
 
 
 def test_resume_after_kill_gives_identical_teacher(image_folder, tmp_path):
@@ -267,8 +322,9 @@ def test_resume_after_kill_gives_identical_teacher(image_folder, tmp_path):
     subprocess.run(_train_cmd(image_folder, straight, 2), check=True, env=env, capture_output=True)
 
     # run the same command, kill -9 it once the first epoch's checkpoint exists, then rerun it
-    proc = subprocess.Popen(_train_cmd(image_folder, resumed, 2), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(image_folder, resumed, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (resumed / "checkpoint.pth").exists():
         assert proc.poll() is None, "training ended before it could be killed"
@@ -301,8 +357,25 @@ def test_corrupt_files_are_skipped_and_counted(image_folder, tmp_path):
     # a log left by an earlier run whose checkpoint was deleted must not leak into this run's curves
     out.mkdir()
     (out / "log.jsonl").write_text('{"type": "knn", "epoch": 0, "top1": 99.0}\n')
-    assert dino(["train", "--data", str(image_folder), "--output-dir", str(out), "--epochs", "1", *TINY_RUN,
-                 "--batch-size", "9", "--knn-every", "0"]) == 0
+    assert (
+        dino(
+            [
+                "train",
+                "--data",
+                str(image_folder),
+                "--output-dir",
+                str(out),
+                "--epochs",
+                "1",
+                *TINY_RUN,
+                "--batch-size",
+                "9",
+                "--knn-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(out / "checkpoint.pth")["skipped_images"] == 3
     assert "3 unreadable image(s) skipped" in (out / "train.log").read_text()
     assert "99.0" not in (out / "log.jsonl").read_text()

@@ -21,6 +21,7 @@ or object parts while others look elsewhere, which the mean over heads can hide.
 ``--random-baseline`` also scores a randomly initialised network of the same architecture. A
 random ViT already shows colour-driven silhouettes, so only a margin over it counts as learned.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,9 @@ class ImageScore:
     head_lift: list[float]  #: lift of each head's own map
 
 
-def box_patch_mask(box: list[float], photo_size: tuple[int, int], image_size: int, resize_size: int, patch_size: int) -> np.ndarray:
+def box_patch_mask(
+    box: list[float], photo_size: tuple[int, int], image_size: int, resize_size: int, patch_size: int
+) -> np.ndarray:
     """Boolean [grid, grid] mask of the patches whose centre lies in ``box`` once the photo is resized
     (shorter side to ``resize_size``) and centre-cropped to ``image_size``, as the model sees it.
 
@@ -114,11 +117,15 @@ def read_boxes(path: str | Path) -> dict[str, list[float]]:
     for name, box in boxes.items():
         ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
         if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise BoxEvalError(f"{path}: box of {name} is {box}; expected [x0, y0, x1, y1] fractions with x0 < x1 and y0 < y1")
+            raise BoxEvalError(
+                f"{path}: box of {name} is {box}; expected [x0, y0, x1, y1] fractions with x0 < x1 and y0 < y1"
+            )
     return boxes
 
 
-def evaluate_model(model_dir: str | Path, boxes: dict[str, list[float]], images_dir: Path, image_size: int | None = None) -> dict:
+def evaluate_model(
+    model_dir: str | Path, boxes: dict[str, list[float]], images_dir: Path, image_size: int | None = None
+) -> dict:
     """Score every boxed photo with the exported model in ``model_dir`` (ONNX Runtime, CPU).
 
     Returns ``{"image_size", "per_image": {name: ImageScore as dict}, "mean": {score: value}}``.
@@ -154,9 +161,18 @@ def export_random_baseline(meta: dict, output_dir: Path) -> Path:
 
     torch.manual_seed(RANDOM_SEED)
     backbone = build_backbone(meta["arch"], meta["patch_size"], meta["image_size"])
-    export_backbone(backbone, output_dir, name=RANDOM_NAME, arch=meta["arch"], patch_size=meta["patch_size"],
-                    image_size=meta["image_size"], resize_size=meta["resize_size"], mean=meta["mean"], std=meta["std"],
-                    provenance={"source": f"build_backbone with torch.manual_seed({RANDOM_SEED})"})
+    export_backbone(
+        backbone,
+        output_dir,
+        name=RANDOM_NAME,
+        arch=meta["arch"],
+        patch_size=meta["patch_size"],
+        image_size=meta["image_size"],
+        resize_size=meta["resize_size"],
+        mean=meta["mean"],
+        std=meta["std"],
+        provenance={"source": f"build_backbone with torch.manual_seed({RANDOM_SEED})"},
+    )
     return output_dir
 
 
@@ -169,18 +185,30 @@ def print_table(results: dict[str, dict]) -> None:
     print(f"{'':<41}" + "".join(f"{'mass in box / Jaccard':>30}" for _ in names))
     for photo in photos:
         area = results[names[0]]["per_image"][photo]["box_area"]
-        cells = "".join(f"{r['per_image'][photo]['mass_in_box']:>20.3f} / {r['per_image'][photo]['jaccard']:.3f}" for r in results.values())
+        cells = "".join(
+            f"{r['per_image'][photo]['mass_in_box']:>20.3f} / {r['per_image'][photo]['jaccard']:.3f}"
+            for r in results.values()
+        )
         print(f"{photo.removesuffix('.JPEG')[:31]:<32}{area:>9.3f}{cells}")
     for score in ("mass_in_box", "lift", "jaccard"):
         print(f"{'mean ' + score:<41}" + "".join(f"{r['mean'][score]:>30.3f}" for r in results.values()))
-    print(f"{'mean lift of each head':<41}" + "".join(f"{' '.join(f'{v:.2f}' for v in r['mean']['head_lift']):>30}" for r in results.values()))
+    print(
+        f"{'mean lift of each head':<41}"
+        + "".join(f"{' '.join(f'{v:.2f}' for v in r['mean']['head_lift']):>30}" for r in results.values())
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.attention_boxes", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="model folder (repeat to compare models)")
-    parser.add_argument("--random-baseline", action="store_true", help="also score a random-init network of the first model's architecture")
-    parser.add_argument("--boxes", default=str(DEFAULT_BOXES), help="box file (default: the 14 hand-drawn ImageNet-sample boxes)")
+    parser.add_argument(
+        "--random-baseline",
+        action="store_true",
+        help="also score a random-init network of the first model's architecture",
+    )
+    parser.add_argument(
+        "--boxes", default=str(DEFAULT_BOXES), help="box file (default: the 14 hand-drawn ImageNet-sample boxes)"
+    )
     parser.add_argument("--images-dir", default=str(DEFAULT_IMAGES), help="folder of the boxed photos")
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: each model's own)")
     parser.add_argument("--output", default=None, help="JSON file for the scores")
@@ -201,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"boxes": str(args.boxes), "threshold": DEFAULT_THRESHOLD, "models": results}, indent=2))
+        Path(args.output).write_text(
+            json.dumps({"boxes": str(args.boxes), "threshold": DEFAULT_THRESHOLD, "models": results}, indent=2)
+        )
         print(f"wrote {args.output}")
     return 0
 

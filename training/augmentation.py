@@ -10,6 +10,7 @@ are scaled to the crop side here, so a 64 px crop gets the same blur relative to
 224 px one. An unscaled sigma of 2 px on a 64 px crop would be as strong as 7 px at 224 px, and
 would wipe out the object detail that the views are meant to share.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ DINO trains ViT-Tiny/Small/Base (Touvron et al. / Dosovitskiy et al.) with patch
 Local crops run through the same network: timm's ``dynamic_img_size`` interpolates the position
 embeddings to whatever grid the input has.
 """
+
 from __future__ import annotations
 
 import timm

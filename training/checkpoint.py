@@ -1,4 +1,5 @@
 """Atomic checkpoints: a crash or ``kill -9`` at any moment leaves the previous checkpoint intact."""
+
 from __future__ import annotations
 
 import os

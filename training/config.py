@@ -3,6 +3,7 @@
 Precedence: dataclass defaults < ``--config FILE.yaml`` < command-line flags. The effective config
 is written to ``OUTPUT_DIR/config.yaml`` so that every run documents itself.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Unlabelled image folders: every image below a root, any depth; unreadable files are skipped."""
+
 from __future__ import annotations
 
 import logging

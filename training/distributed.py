@@ -4,6 +4,7 @@ Under ``torchrun`` every process reads its rank from the environment (``RANK``, 
 ``WORLD_SIZE``) and joins one process group: NCCL on CUDA, gloo on the CPU. Without ``torchrun`` the
 same code runs as one process of a world of one.
 """
+
 from __future__ import annotations
 
 import os

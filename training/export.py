@@ -24,6 +24,7 @@ which is exactly what timm's ``dynamic_img_size`` does in PyTorch, so ONNX Runti
 any resolution. The graph is produced by the torch.export-based ("dynamo") ONNX exporter: the legacy
 TorchScript exporter specialises timm's resampling branch to the example size.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,7 +80,9 @@ def default_resize_size(image_size: int) -> int:
     return round(image_size * RESIZE_RATIO)
 
 
-def _export_onnx(module: nn.Module, path: Path, example: torch.Tensor, patch_size: int, dynamic_hw: bool, opset: int) -> None:
+def _export_onnx(
+    module: nn.Module, path: Path, example: torch.Tensor, patch_size: int, dynamic_hw: bool, opset: int
+) -> None:
     """torch.export-based ONNX export of ``module`` with a dynamic batch (and H, W) axis."""
     batch = torch.export.Dim(DIM_BATCH, min=1, max=MAX_BATCH)
     axes: dict[int, Any] = {0: batch}
@@ -200,7 +203,9 @@ def export_backbone(
         The model.json content.
     """
     if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: the antialiased Resize of the position embeddings needs >= {MIN_OPSET}")
+        raise ExportError(
+            f"opset {opset} is too old: the antialiased Resize of the position embeddings needs >= {MIN_OPSET}"
+        )
     if image_size % patch_size:
         raise ExportError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
     resize_size = resize_size or default_resize_size(image_size)
@@ -249,7 +254,9 @@ def export_backbone(
             seconds = time.perf_counter() - start
             diffs = verify_onnx(tmp_path, variant, example)
             if diffs is not None and max(diffs.values()) > atol:
-                raise ExportError(f"{filename}: ONNX Runtime disagrees with PyTorch (max abs diff {diffs}, tolerance {atol})")
+                raise ExportError(
+                    f"{filename}: ONNX Runtime disagrees with PyTorch (max abs diff {diffs}, tolerance {atol})"
+                )
             os.replace(tmp_path, final)
         files[filename] = {"sha256": sha256_file(final), "bytes": final.stat().st_size}
         report[filename] = {
@@ -275,7 +282,12 @@ def export_backbone(
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
         "input_name": INPUT_NAME,
-        "input_shape": [DIM_BATCH, 3, DIM_HEIGHT if dynamic_hw else image_size, DIM_WIDTH if dynamic_hw else image_size],
+        "input_shape": [
+            DIM_BATCH,
+            3,
+            DIM_HEIGHT if dynamic_hw else image_size,
+            DIM_WIDTH if dynamic_hw else image_size,
+        ],
         "outputs": _onnx_output_shapes(embed_dim, num_heads, num_patches),
         "attention_normalisation": ATTENTION_NOTE,
         "dynamic_hw": dynamic_hw,

@@ -2,6 +2,7 @@
 
 Also the options and the summary shared with ``dino import`` (:mod:`training.import_weights`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,21 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``dino export`` and ``dino import``."""
     parser.add_argument("--output", required=True, help="model folder to write, e.g. models/NAME")
     parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
-    parser.add_argument("--resize-size", type=int, default=None, help="shorter-side resize before the centre crop (default: image size * 8/7)")
+    parser.add_argument(
+        "--resize-size",
+        type=int,
+        default=None,
+        help="shorter-side resize before the centre crop (default: image size * 8/7)",
+    )
     parser.add_argument("--fp16", action="store_true", help=f"also write {FP16_FILE} (float16 compute) for GPU serving")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})"
+    )
 
 
-def export_with_options(backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int,
-                        image_size: int, provenance: dict) -> dict:
+def export_with_options(
+    backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int, image_size: int, provenance: dict
+) -> dict:
     """:func:`export_backbone` into ``args.output`` with the options of :func:`add_export_options`."""
     output = Path(args.output)
     return export_backbone(
@@ -46,14 +55,22 @@ def export_with_options(backbone: nn.Module, args: argparse.Namespace, *, arch: 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by 'dino train' (RUN/checkpoint.pth)")
-    parser.add_argument("--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)")
-    parser.add_argument("--knn-result", default=None, help="JSON written by 'dino knn --checkpoint' for this checkpoint, recorded in model.json")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="native resolution (default: the run's global crop size)"
+    )
+    parser.add_argument(
+        "--knn-result",
+        default=None,
+        help="JSON written by 'dino knn --checkpoint' for this checkpoint, recorded in model.json",
+    )
     add_export_options(parser)
 
 
 def print_summary(metadata: dict, output_dir: Path) -> None:
     """What ``dino export``/``dino import`` print: files, sizes, checker, export time, parity."""
-    print(f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, dynamic H/W: {metadata['dynamic_hw']})")
+    print(
+        f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, dynamic H/W: {metadata['dynamic_hw']})"
+    )
     for filename in (MODEL_FILE, FP16_FILE):
         info = metadata["export"].get(filename)
         if info is None:
@@ -88,7 +105,9 @@ def read_knn_result(path: str | Path, meta: dict) -> dict:
     if not isinstance(result, dict) or not {"top1", "top5", "epoch"} <= set(result):
         raise ExportError(f"--knn-result {path}: not a 'dino knn --checkpoint' result (needs top1, top5, epoch)")
     if result["epoch"] != meta.get("epoch"):
-        raise ExportError(f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}")
+        raise ExportError(
+            f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}"
+        )
     return result
 
 

@@ -9,6 +9,7 @@ dropped afterwards, *not* renormalised: each head's N values sum to ``1 - attn(c
 :func:`reference_outputs` computes the same three outputs independently, from timm's own unfused
 attention path, for parity checks.
 """
+
 from __future__ import annotations
 
 import copy

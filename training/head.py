@@ -1,4 +1,5 @@
 """The DINO projection head (Caron et al. 2021, Sec. 3.1 and Appendix)."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ exports them as ``dino export`` does (:mod:`training.export_cli`). Pickled files
 ``weights_only=True``: no code in a downloaded file is executed, and nothing is written unless the
 weights fit the named architecture exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="weights file (.pth, .bin, .safetensors)")
     parser.add_argument("--arch", required=True, choices=sorted(ARCHS), help="architecture the weights belong to")
     parser.add_argument("--patch-size", type=int, required=True, choices=PATCH_SIZES, help="patch size of the weights")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"native resolution (default {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument(
+        "--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"native resolution (default {DEFAULT_IMAGE_SIZE})"
+    )
     add_export_options(parser)
 
 
@@ -32,7 +35,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         backbone, provenance = load_backbone_weights(args.weights, args.arch, args.patch_size, args.image_size)
         metadata = export_with_options(
-            backbone, args, arch=args.arch, patch_size=args.patch_size, image_size=args.image_size, provenance=provenance
+            backbone,
+            args,
+            arch=args.arch,
+            patch_size=args.patch_size,
+            image_size=args.image_size,
+            provenance=provenance,
         )
     except (ExportError, WeightsError) as exc:
         print(f"dino import: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ weighted by exp(similarity / T). Defaults k=20, T=0.07 as in the paper.
 JSON. ``--baseline random`` evaluates a randomly initialised network of the same architecture and
 ``--baseline pixels`` the raw (normalised) pixels, the two references a trained model must beat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,14 @@ def weighted_knn(
         correct1 += (top[:, 0] == targets).sum().item()
         correct5 += (top == targets[:, None]).any(dim=1).sum().item()
     n = test_features.shape[0]
-    return KnnResult(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, k=k, temperature=temperature,
-                     n_train=int(train_features.shape[0]), n_val=int(n))
+    return KnnResult(
+        top1=100.0 * correct1 / n,
+        top5=100.0 * correct5 / n,
+        k=k,
+        temperature=temperature,
+        n_train=int(train_features.shape[0]),
+        n_val=int(n),
+    )
 
 
 def evaluate_knn(
@@ -191,8 +198,13 @@ def main(args: argparse.Namespace) -> int:
                 backbone = build_backbone(cfg["arch"], cfg["patch_size"], cfg["global_size"])
             else:
                 backbone = teacher
-            meta.update(model="random init" if args.baseline else "teacher", checkpoint=str(path),
-                        epoch=ckpt_meta["epoch"], arch=cfg["arch"], patch_size=cfg["patch_size"])
+            meta.update(
+                model="random init" if args.baseline else "teacher",
+                checkpoint=str(path),
+                epoch=ckpt_meta["epoch"],
+                arch=cfg["arch"],
+                patch_size=cfg["patch_size"],
+            )
         elif args.baseline == "random":
             torch.manual_seed(args.seed)
             image_size = image_size or 224
@@ -204,18 +216,41 @@ def main(args: argparse.Namespace) -> int:
         if backbone is not None:
             backbone.to(device)
         start = time.time()
-        knn = evaluate_knn(backbone, args.train, args.val, image_size, device, args.k, args.temperature,
-                              args.max_images, args.batch_size, args.num_workers)
+        knn = evaluate_knn(
+            backbone,
+            args.train,
+            args.val,
+            image_size,
+            device,
+            args.k,
+            args.temperature,
+            args.max_images,
+            args.batch_size,
+            args.num_workers,
+        )
     except (DataError, DeviceError, WeightsError) as exc:
         print(f"dino knn: {exc}", file=sys.stderr)
         return 1
-    record = {**knn, **meta, "image_size": image_size, "seconds": round(time.time() - start, 1),
-              "train": str(args.train), "val": str(args.val)}
-    print(f"k-NN ({meta.get('model')}, k={knn['k']}, T={knn['temperature']}, "
-          f"{knn['n_train']} gallery / {knn['n_val']} queries): "
-          f"top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
-    output = Path(args.output) if args.output else (
-        Path(args.checkpoint).with_name("knn.json") if args.checkpoint and not args.baseline else Path("knn.json"))
+    record = {
+        **knn,
+        **meta,
+        "image_size": image_size,
+        "seconds": round(time.time() - start, 1),
+        "train": str(args.train),
+        "val": str(args.val),
+    }
+    print(
+        f"k-NN ({meta.get('model')}, k={knn['k']}, T={knn['temperature']}, "
+        f"{knn['n_train']} gallery / {knn['n_val']} queries): "
+        f"top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%"
+    )
+    output = (
+        Path(args.output)
+        if args.output
+        else (
+            Path(args.checkpoint).with_name("knn.json") if args.checkpoint and not args.baseline else Path("knn.json")
+        )
+    )
     output.write_text(json.dumps(record, indent=2))
     print(f"wrote {output}")
     return 0

@@ -1,4 +1,5 @@
 """The DINO loss (Caron et al. 2021, Eq. 1-2 and Sec. 3.1 "Avoiding collapse")."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ DINO avoids collapse by balancing centring (pushes the teacher towards uniform) 
 divergence between teacher and student: collapse shows as entropy -> 0 (one dimension dominates) or
 entropy -> log K (uniform output), in both cases with KL -> 0.
 """
+
 from __future__ import annotations
 
 import math

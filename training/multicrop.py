@@ -1,4 +1,5 @@
 """Runs a list of crops of different resolutions through one backbone and one head."""
+
 from __future__ import annotations
 
 import itertools

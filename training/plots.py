@@ -1,4 +1,5 @@
 """Training curves PNG from the JSONL log (loss, learning rate, k-NN accuracy, collapse monitors)."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Per-iteration schedules (DINO's linear warm-up then cosine; Caron et al. 2021, Sec. 4 / App.)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ the student receives gradients; the teacher is an exponential moving average of 
 Runs on one CPU, one GPU, or several processes under ``torchrun`` (DDP; gloo on CPU, NCCL on CUDA).
 Rerunning the same command resumes from ``OUTPUT_DIR/checkpoint.pth``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,14 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
     """Student (with stochastic depth) and teacher (without), starting from the same weights."""
 
     def head(embed_dim: int) -> DINOHead:
-        return DINOHead(embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                        use_bn=cfg.head_bn, norm_last_layer=cfg.norm_last_layer)
+        return DINOHead(
+            embed_dim,
+            cfg.out_dim,
+            cfg.head_hidden_dim,
+            cfg.head_bottleneck_dim,
+            use_bn=cfg.head_bn,
+            norm_last_layer=cfg.norm_last_layer,
+        )
 
     s_backbone = build_backbone(cfg.arch, cfg.patch_size, cfg.global_size, cfg.drop_path_rate)
     t_backbone = build_backbone(cfg.arch, cfg.patch_size, cfg.global_size, 0.0)
@@ -152,21 +159,29 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
         self.out.mkdir(parents=True, exist_ok=True)
-        self.augmentation = MultiCropAugmentation(cfg.global_size, cfg.local_size, cfg.local_crops,
-                                                  cfg.global_scale, cfg.local_scale)
+        self.augmentation = MultiCropAugmentation(
+            cfg.global_size, cfg.local_size, cfg.local_crops, cfg.global_scale, cfg.local_scale
+        )
         self.dataset = UnlabelledImageFolder(cfg.data, self.augmentation)
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(self.dataset)} images are fewer than one batch of {cfg.batch_size}")
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.sampler = EpochSampler(len(self.dataset), self.rank, self.world_size, cfg.seed,
-                                    self.steps_per_epoch * self.batch_per_rank)
+        self.sampler = EpochSampler(
+            len(self.dataset), self.rank, self.world_size, cfg.seed, self.steps_per_epoch * self.batch_per_rank
+        )
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
-            self.dataset, batch_size=self.batch_per_rank, sampler=self.sampler, num_workers=cfg.num_workers,
-            collate_fn=collate_skip_none, pin_memory=self.device.type == "cuda", drop_last=True,
-            generator=self.loader_generator, persistent_workers=False,
+            self.dataset,
+            batch_size=self.batch_per_rank,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            generator=self.loader_generator,
+            persistent_workers=False,
             prefetch_factor=4 if cfg.num_workers else None,
         )
 
@@ -180,9 +195,11 @@ class Trainer:
         self.student_module = student.to(self.device)
         self.teacher = teacher.to(self.device)
         self.student = (
-            nn.parallel.DistributedDataParallel(self.student_module, device_ids=[self.device.index]
-                                                if self.device.type == "cuda" else None)
-            if self.world_size > 1 else self.student_module
+            nn.parallel.DistributedDataParallel(
+                self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world_size > 1
+            else self.student_module
         )
         if cfg.compile:
             self.student = torch.compile(self.student)
@@ -197,8 +214,9 @@ class Trainer:
         self.lr_schedule = cosine_schedule(lr_peak, cfg.min_lr, cfg.epochs, n, cfg.warmup_epochs)
         self.wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, n)
         self.momentum_schedule = cosine_schedule(cfg.teacher_momentum, cfg.teacher_momentum_end, cfg.epochs, n)
-        self.teacher_temps = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
-                                                   cfg.warmup_teacher_temp_epochs, cfg.epochs)
+        self.teacher_temps = teacher_temp_schedule(
+            cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs
+        )
         self.log = JsonlLog(self.out / LOG_NAME, self.main)
         self.monitor = CollapseMonitor(cfg.out_dim)
         self.start_epoch, self.start_step_in_epoch, self.global_step = 0, 0, 0
@@ -255,14 +273,23 @@ class Trainer:
             return
         if self.main:
             t0 = time.time()
-            knn = evaluate_knn(self.teacher.backbone, cfg.knn_train, cfg.knn_val,
-                               cfg.knn_image_size or cfg.global_size, self.device, cfg.knn_k,
-                               cfg.knn_temperature, cfg.knn_max_images, num_workers=min(cfg.num_workers, 2))
+            knn = evaluate_knn(
+                self.teacher.backbone,
+                cfg.knn_train,
+                cfg.knn_val,
+                cfg.knn_image_size or cfg.global_size,
+                self.device,
+                cfg.knn_k,
+                cfg.knn_temperature,
+                cfg.knn_max_images,
+                num_workers=min(cfg.num_workers, 2),
+            )
             record = {**knn, "type": "knn", "epoch": epoch, "seconds": round(time.time() - t0, 1)}
             self.last_knn = record
             self.log.write(record)
-            log.info("epoch %d k-NN top-1 %.2f%% top-5 %.2f%% (%.0fs)", epoch, knn["top1"], knn["top5"],
-                     record["seconds"])
+            log.info(
+                "epoch %d k-NN top-1 %.2f%% top-5 %.2f%% (%.0fs)", epoch, knn["top1"], knn["top5"], record["seconds"]
+            )
         if self.world_size > 1:
             dist.barrier()
 
@@ -276,8 +303,7 @@ class Trainer:
                 group["weight_decay"] = self.wd_schedule[it]
         crops = [c.to(self.device, non_blocking=True) for c in crops]
         teacher_temp = float(self.teacher_temps[epoch])
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype else nullcontext())
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with autocast:
             with torch.no_grad():
                 teacher_out = self.teacher_forward(crops[:2])
@@ -302,21 +328,38 @@ class Trainer:
         update_teacher(self.student_module, self.teacher, momentum)
 
         batch = crops[0].shape[0]
-        entropy, kl = collapse_metrics(student_out[: 2 * batch], teacher_out, center_before, teacher_temp,
-                                       cfg.student_temp)
+        entropy, kl = collapse_metrics(
+            student_out[: 2 * batch], teacher_out, center_before, teacher_temp, cfg.student_temp
+        )
         self.monitor.update(entropy, kl)
-        return {"loss": loss.item(), "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
-                "teacher_momentum": momentum, "teacher_temp": teacher_temp, "entropy": entropy, "kl": kl}
+        return {
+            "loss": loss.item(),
+            "lr": float(self.lr_schedule[it]),
+            "wd": float(self.wd_schedule[it]),
+            "teacher_momentum": momentum,
+            "teacher_temp": teacher_temp,
+            "entropy": entropy,
+            "kl": kl,
+        }
 
     def train(self) -> dict:
         cfg = self.cfg
         self.maybe_resume()
         if self.main:
             cfg.save(self.out / CONFIG_NAME)
-            log.info("DINO %s/%d on %s: %d images, %d steps/epoch, global batch %d (%d process%s), %s, %s",
-                     cfg.arch, cfg.patch_size, self.device, len(self.dataset), self.steps_per_epoch,
-                     cfg.batch_size, self.world_size, "es" if self.world_size > 1 else "", self.precision,
-                     f"lr {cfg.lr * cfg.batch_size / 256:.2e}")
+            log.info(
+                "DINO %s/%d on %s: %d images, %d steps/epoch, global batch %d (%d process%s), %s, %s",
+                cfg.arch,
+                cfg.patch_size,
+                self.device,
+                len(self.dataset),
+                self.steps_per_epoch,
+                cfg.batch_size,
+                self.world_size,
+                "es" if self.world_size > 1 else "",
+                self.precision,
+                f"lr {cfg.lr * cfg.batch_size / 256:.2e}",
+            )
         if self.start_epoch == 0 and self.start_step_in_epoch == 0 and self.last_knn is None:
             self.run_knn(0)
 
@@ -355,8 +398,13 @@ class Trainer:
         cfg = self.cfg
         self.student.train()
         self.teacher.train()  # batch statistics in the teacher head (as the reference); no dropout anywhere
-        bar = tqdm(total=self.steps_per_epoch, initial=skip_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not self.main, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=skip_steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not self.main,
+            dynamic_ncols=True,
+        )
         images = 0
         losses: list[float] = []
         data_wait = compute = 0.0
@@ -380,24 +428,36 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", img_s=f"{img_s:.1f}")
             if self.global_step % cfg.log_every_steps == 0 or i == self.steps_per_epoch - 1:
-                self.log.write({"type": "step", "epoch": epoch, "step": self.global_step, "img_s": round(img_s, 2),
-                                **metrics})
+                self.log.write(
+                    {"type": "step", "epoch": epoch, "step": self.global_step, "img_s": round(img_s, 2), **metrics}
+                )
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and i + 1 < self.steps_per_epoch:
                 self.save(epoch, i + 1)
         bar.close()
         elapsed = time.perf_counter() - t_epoch
         record = {
-            "type": "epoch", "epoch": epoch + 1, "step": self.global_step,
+            "type": "epoch",
+            "epoch": epoch + 1,
+            "step": self.global_step,
             "loss": float(np.mean(losses)) if losses else float("nan"),
-            "img_s": images / max(elapsed, 1e-9), "seconds": round(elapsed, 1),
+            "img_s": images / max(elapsed, 1e-9),
+            "seconds": round(elapsed, 1),
             "data_wait_fraction": data_wait / max(data_wait + compute, 1e-9),
-            "skipped_images": self.skipped_images, **self.monitor.summary(),
+            "skipped_images": self.skipped_images,
+            **self.monitor.summary(),
         }
         self.log.write(record)
         if self.main:
-            log.info("epoch %d: loss %.4f, %.1f img/s, data wait %.0f%%, teacher entropy %.3f / %.3f, KL %.4f",
-                     epoch + 1, record["loss"], record["img_s"], 100 * record["data_wait_fraction"],
-                     record["teacher_entropy"], record["teacher_entropy_max"], record["kl_teacher_student"])
+            log.info(
+                "epoch %d: loss %.4f, %.1f img/s, data wait %.0f%%, teacher entropy %.3f / %.3f, KL %.4f",
+                epoch + 1,
+                record["loss"],
+                record["img_s"],
+                100 * record["data_wait_fraction"],
+                record["teacher_entropy"],
+                record["teacher_entropy_max"],
+                record["kl_teacher_student"],
+            )
             if self.skipped_images:
                 log.warning("%d unreadable image(s) skipped so far", self.skipped_images)
             warning = self.monitor.collapse_warning()
@@ -408,8 +468,11 @@ class Trainer:
     def write_curves(self) -> None:
         from training.plots import plot_curves
 
-        plot_curves(self.out / LOG_NAME, self.out / CURVES_NAME,
-                    title=f"DINO {self.cfg.arch}/{self.cfg.patch_size} on {'/'.join(Path(self.cfg.data).resolve().parts[-2:])}")
+        plot_curves(
+            self.out / LOG_NAME,
+            self.out / CURVES_NAME,
+            title=f"DINO {self.cfg.arch}/{self.cfg.patch_size} on {'/'.join(Path(self.cfg.data).resolve().parts[-2:])}",
+        )
 
 
 # ---------------------------------------------------------------- command line: dino train
@@ -420,8 +483,12 @@ def setup_logging(output_dir: Path, main_process: bool) -> None:
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(output_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        handlers=handlers,
+        force=True,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,7 +508,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except (DataError, DeviceError, FloatingPointError) as exc:  # no images / a non-finite loss: a message, not a traceback
+    except (
+        DataError,
+        DeviceError,
+        FloatingPointError,
+    ) as exc:  # no images / a non-finite loss: a message, not a traceback
         print(f"dino train: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -449,6 +520,8 @@ def main(args: argparse.Namespace) -> int:
     if is_main_process():
         knn = result.get("knn")
         knn_text = f", k-NN top-1 {knn['top1']:.2f}%" if knn else ""
-        print(f"done: {result['epochs']} epochs, {result['steps']} steps{knn_text}; "
-              f"checkpoint {Path(cfg.output_dir) / CHECKPOINT_NAME}")
+        print(
+            f"done: {result['epochs']} epochs, {result['steps']} steps{knn_text}; "
+            f"checkpoint {Path(cfg.output_dir) / CHECKPOINT_NAME}"
+        )
     return 0

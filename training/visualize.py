@@ -9,6 +9,7 @@ set of patches whose attention sums to the threshold fraction).
 
 Each map is shown at the patch resolution (nearest-neighbour upsampling), as in the paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,9 @@ def checked_image_size(meta: dict, image_size: int | None, model_dir: Path) -> i
     image_size = image_size or meta["image_size"]
     patch = meta["patch_size"]
     if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
-        raise VisualizeError(f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})")
+        raise VisualizeError(
+            f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})"
+        )
     return image_size
 
 
@@ -132,7 +135,9 @@ def attention_grid(
     if threshold > 0:
         labels.append(f"top {threshold:.0%} mass")
     columns = len(labels)
-    canvas = Image.new("RGB", (columns * cell + (columns + 1) * PAD, HEADER + len(images) * (cell + PAD) + PAD), BACKGROUND)
+    canvas = Image.new(
+        "RGB", (columns * cell + (columns + 1) * PAD, HEADER + len(images) * (cell + PAD) + PAD), BACKGROUND
+    )
     draw = ImageDraw.Draw(canvas)
     for c, label in enumerate(labels):
         draw.text((PAD + c * (cell + PAD), 2), label, fill=TEXT_COLOUR)
@@ -161,14 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder written by 'dino export' / 'dino import'")
     parser.add_argument("--images", nargs="+", required=True, help="photos, one row each")
     parser.add_argument("--output", required=True, help="PNG to write")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="attention mass kept by the mask column (0: no mask column)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="attention mass kept by the mask column (0: no mask column)",
+    )
     parser.add_argument("--cell", type=int, default=DEFAULT_CELL, help="cell side in pixels")
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     args = parser.parse_args(argv)
     if not 0 <= args.threshold < 1:
         parser.error("--threshold must be in [0, 1)")
     try:
-        grid = attention_grid(args.model, args.images, args.output, threshold=args.threshold, cell=args.cell, image_size=args.image_size)
+        grid = attention_grid(
+            args.model, args.images, args.output, threshold=args.threshold, cell=args.cell, image_size=args.image_size
+        )
     except VisualizeError as exc:
         print(f"visualize: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ Accepted files (the layout is detected from the content, not the file name):
 The weights must fit the named architecture exactly. The one conversion applied is resampling the
 position embeddings (bicubic, as timm does) when the file was trained at another resolution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,13 +109,17 @@ def load_checkpoint_teacher(path: str | Path) -> tuple[nn.Module, dict, dict]:
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, dict) or "teacher" not in checkpoint or "config" not in checkpoint:
         keys = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise WeightsError(f"{path}: not a 'dino train' checkpoint (expected 'teacher' and 'config' entries, found {keys})")
+        raise WeightsError(
+            f"{path}: not a 'dino train' checkpoint (expected 'teacher' and 'config' entries, found {keys})"
+        )
     config = dict(checkpoint["config"])
     try:
         arch, patch_size, image_size = config["arch"], int(config["patch_size"]), int(config["global_size"])
     except KeyError as exc:
         raise WeightsError(f"{path}: the checkpoint's config lacks {exc}") from exc
-    backbone = backbone_from_state(arch, patch_size, image_size, backbone_state_dict(checkpoint["teacher"]), f"{arch}/{patch_size} ({path})")
+    backbone = backbone_from_state(
+        arch, patch_size, image_size, backbone_state_dict(checkpoint["teacher"]), f"{arch}/{patch_size} ({path})"
+    )
     meta = {
         "source": str(Path(path).resolve()),
         "source_format": CHECKPOINT_FORMAT,
@@ -183,7 +188,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
             raise WeightsError(f"{path}: no '{BACKBONE_PREFIX}' keys in the teacher state dict (found {sample}, ...)")
         extra = {"epoch": obj.get("epoch")}
         if isinstance(obj.get("args"), argparse.Namespace):
-            extra["training_args"] = {k: v for k, v in vars(obj["args"]).items() if isinstance(v, (int, float, str, bool, type(None)))}
+            extra["training_args"] = {
+                k: v for k, v in vars(obj["args"]).items() if isinstance(v, (int, float, str, bool, type(None)))
+            }
         return state, FORMAT_OFFICIAL_FULL, extra
 
     for wrapper in STATE_DICT_WRAPPERS:
@@ -219,11 +226,19 @@ def fit_state_dict(backbone: nn.Module, state: dict[str, torch.Tensor], describe
     state = dict(state)
     pos = state.get(POS_EMBED_KEY)
     target = expected.get(POS_EMBED_KEY)
-    if pos is not None and target is not None and pos.ndim == 3 and pos.shape[-1] == target.shape[-1] and pos.shape != target.shape:
+    if (
+        pos is not None
+        and target is not None
+        and pos.ndim == 3
+        and pos.shape[-1] == target.shape[-1]
+        and pos.shape != target.shape
+    ):
         prefix = backbone.num_prefix_tokens
         old_side = round((pos.shape[1] - prefix) ** 0.5)
         if old_side * old_side + prefix == pos.shape[1]:
-            state[POS_EMBED_KEY] = resample_abs_pos_embed(pos.float(), new_size=list(backbone.patch_embed.grid_size), num_prefix_tokens=prefix).to(pos.dtype)
+            state[POS_EMBED_KEY] = resample_abs_pos_embed(
+                pos.float(), new_size=list(backbone.patch_embed.grid_size), num_prefix_tokens=prefix
+            ).to(pos.dtype)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -244,7 +259,9 @@ def fit_state_dict(backbone: nn.Module, state: dict[str, torch.Tensor], describe
     return {k: v.to(expected[k].dtype).clone(memory_format=torch.contiguous_format) for k, v in state.items()}
 
 
-def backbone_from_state(arch: str, patch_size: int, image_size: int, state: dict[str, torch.Tensor], describe: str) -> nn.Module:
+def backbone_from_state(
+    arch: str, patch_size: int, image_size: int, state: dict[str, torch.Tensor], describe: str
+) -> nn.Module:
     """Build ``arch``/``patch_size`` at ``image_size`` holding exactly the weights of ``state`` (eval mode).
 
     The module is created on the meta device and the checked tensors are assigned to it, which skips
@@ -257,7 +274,9 @@ def backbone_from_state(arch: str, patch_size: int, image_size: int, state: dict
     return backbone.eval()
 
 
-def load_backbone_weights(path: str | Path, arch: str, patch_size: int, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[nn.Module, dict]:
+def load_backbone_weights(
+    path: str | Path, arch: str, patch_size: int, image_size: int = DEFAULT_IMAGE_SIZE
+) -> tuple[nn.Module, dict]:
     """Build ``arch``/``patch_size`` at ``image_size`` and load the weights file into it.
 
     Returns:

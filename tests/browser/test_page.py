@@ -12,6 +12,7 @@ the ``train`` extra). The screenshot goes to a temporary folder, or to
 ``$DINO_SCREENSHOT_OUT`` (e.g. ``docs/service_page.png``) when set; ``benchmarks/screenshot_page.py``
 is what regenerates the documentation's screenshot.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,7 +65,9 @@ def model_dir(tmp_path_factory, driver) -> Path:
     pytest.importorskip("torch", reason="exporting the test model needs the train extra (or set DINO_TEST_MODEL)")
     pytest.importorskip("timm")
     pytest.importorskip("onnx")
-    return driver.export_random_model(tmp_path_factory.mktemp("page-model") / "model", arch="vit_tiny", patch=16, size=224)
+    return driver.export_random_model(
+        tmp_path_factory.mktemp("page-model") / "model", arch="vit_tiny", patch=16, size=224
+    )
 
 
 def test_upload_shows_attention_overlay_and_neighbours(driver, model_dir, sample_photos, tmp_path):
