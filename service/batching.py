@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class DynamicBatcher:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             # a client that went away cancelled its future: do not spend inference on it
             batch = [job for job in batch if not job.future.done()]

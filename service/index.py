@@ -42,10 +42,11 @@ import sys
 import threading
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, TypeGuard
 
 import faiss
 import numpy as np
@@ -89,7 +90,7 @@ def new_image_id() -> str:
     return uuid.uuid4().hex
 
 
-def is_valid_image_id(image_id: object) -> bool:
+def is_valid_image_id(image_id: object) -> TypeGuard[str]:
     """True for well-formed ids (the only strings ever joined to a path)."""
     return isinstance(image_id, str) and _ID_RE.fullmatch(image_id) is not None
 
@@ -256,7 +257,7 @@ class EmbeddingIndex:
         self._alive: list[bool] = []
         self._row: dict[str, int] = {}  # live id -> row
         self._memory_images: dict[str, bytes] = {}  # images of an in-memory gallery
-        self._faiss = self._new_faiss()
+        self._faiss: Any = self._new_faiss()  # faiss's bundled stubs miss much of its API
         self._generation = 0
         self._journal_fd: int | None = None
         self._journal_entries = 0
@@ -293,7 +294,7 @@ class EmbeddingIndex:
     def ids(self) -> list[str]:
         """The ids in the gallery, in insertion order."""
         with self._lock:
-            return [i for i, alive in zip(self._ids, self._alive) if alive]
+            return [i for i, alive in zip(self._ids, self._alive, strict=True) if alive]
 
     # ------------------------------------------------------------------ FAISS
 
@@ -345,12 +346,12 @@ class EmbeddingIndex:
             dead = total - len(self._row)
             fetch = min(total, k + dead + (1 if exclude else 0))
             if self.index_type == "hnsw":
-                params = faiss.SearchParametersHNSW(efSearch=max(self.hnsw_ef_search, fetch))
+                params = faiss.SearchParametersHNSW(efSearch=max(self.hnsw_ef_search, fetch))  # type: ignore[attr-defined]  # not in faiss's stubs
                 scores, rows = self._faiss.search(query, fetch, params=params)
             else:
                 scores, rows = self._faiss.search(query, fetch)
             results = []
-            for score, row in zip(scores[0], rows[0]):
+            for score, row in zip(scores[0], rows[0], strict=True):
                 if row < 0 or not self._alive[row] or self._ids[row] == exclude:
                     continue
                 results.append(Neighbor(self._ids[row], float(score), self._labels[row], self._metadata[row]))
@@ -397,7 +398,7 @@ class EmbeddingIndex:
         if self.path is not None and images is not None:
             # images first: a journal entry must never point at a missing image
             images_dir = self.path / IMAGES_DIR
-            for image_id, data in zip(ids, images):
+            for image_id, data in zip(ids, images, strict=True):
                 write_file_durably(self._image_path(image_id), data, sync_dir=False)
             fsync_dir(images_dir)
         with self._lock:
@@ -407,11 +408,11 @@ class EmbeddingIndex:
                     _encode_journal_line(
                         {"op": "add", "id": i, "label": label, "metadata": meta, "embedding": _encode_vector(vector)}
                     )
-                    for i, label, meta, vector in zip(ids, labels, metadata, embeddings)
+                    for i, label, meta, vector in zip(ids, labels, metadata, embeddings, strict=True)
                 )
                 self._append_journal(lines, n)
             elif images is not None:
-                self._memory_images.update(zip(ids, images))
+                self._memory_images.update(zip(ids, images, strict=True))
             self._apply_add(ids, labels, metadata, embeddings)
             self._maybe_compact()
         return ids
@@ -436,7 +437,7 @@ class EmbeddingIndex:
     def _apply_add(self, ids, labels, metadata, embeddings: np.ndarray) -> None:
         start = self._faiss.ntotal
         self._faiss.add(embeddings)
-        for offset, (image_id, label, meta) in enumerate(zip(ids, labels, metadata)):
+        for offset, (image_id, label, meta) in enumerate(zip(ids, labels, metadata, strict=True)):
             self._ids.append(image_id)
             self._labels.append(label)
             self._metadata.append(meta)
@@ -546,7 +547,7 @@ class EmbeddingIndex:
 
         snapshot = self._snapshot_path(generation)
         vectors, entries = self._read_snapshot(snapshot)
-        loaded_faiss = None
+        loaded_faiss: Any = None
         if stored_type == self.index_type == "hnsw" and (snapshot / FAISS_FILE).is_file():
             loaded_faiss = faiss.read_index(str(snapshot / FAISS_FILE))
             if loaded_faiss.ntotal != len(vectors) or loaded_faiss.d != self.dim:
@@ -712,7 +713,7 @@ class EmbeddingIndex:
             "hnsw_m": self.hnsw_m if self.index_type == "hnsw" else None,
             "generation": generation,
             "size": len(live),
-            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         # the commit point: from this rename on, the new snapshot and empty journal are the gallery
         write_file_durably(self.path / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.index import MANIFEST_FILE, GalleryError
 from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files
+from service.index import MANIFEST_FILE, GalleryError
 from service.preprocess import Preprocessor, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings

@@ -41,8 +41,8 @@ class EvalTransform:
 
     image_size: int
     resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  #: per RGB channel (3 values)
+    std: tuple[float, ...]  #: per RGB channel (3 values)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the shorter-side resize (torchvision's rule, truncating the long side)."""
@@ -114,7 +114,7 @@ class Preprocessor:
         self.max_pixels = max_pixels
 
     @classmethod
-    def for_model(cls, spec, max_pixels: int) -> "Preprocessor":
+    def for_model(cls, spec, max_pixels: int) -> Preprocessor:
         """Build from a :class:`service.runtime.ModelSpec` (image_size, resize_size, mean, std)."""
         return cls(EvalTransform(spec.image_size, spec.resize_size, tuple(spec.mean), tuple(spec.std)), max_pixels)
 

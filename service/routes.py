@@ -7,7 +7,7 @@ import asyncio
 import io
 import json
 from pathlib import Path as FilePath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from dino.attention import mass_threshold_mask, select_head
-from service.overlay import render_overlay
 from service.dependencies import get_state, require_api_key
+from service.overlay import render_overlay
 from service.preprocess import PreparedImage
 from service.schemas import (
     ERROR_RESPONSES,
@@ -44,8 +44,8 @@ def _images_body(single: bool, gallery: bool = False) -> dict:
     """OpenAPI request body of the image routes (parsed by hand to accept multipart or JSON)."""
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
     encoded = {"type": "array", "items": {"type": "string", "description": "base64 image (a data: URL is fine)"}}
-    multipart = {"images": files}
-    json_props = {"images": encoded}
+    multipart: dict[str, Any] = {"images": files}
+    json_props: dict[str, Any] = {"images": encoded}
     if gallery:
         multipart["labels"] = {
             "type": "array",
@@ -190,7 +190,7 @@ FormatQuery = Annotated[
 ThresholdQuery = Annotated[
     float | None, Query(gt=0, le=1, description="keep the patches holding this fraction of the attention mass (DINO)")
 ]
-ATTENTION_RESPONSES = {
+ATTENTION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"image/png": {}, "application/json": {"schema": AttentionResponse.model_json_schema()}},
         "description": "the attention map (PNG overlay or JSON)",

@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnxruntime as ort
@@ -44,8 +44,8 @@ class ModelSpec:
     num_heads: int
     image_size: int
     resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  #: per RGB channel (3 values)
+    std: tuple[float, ...]  #: per RGB channel (3 values)
     input_name: str
     dynamic_hw: bool
     file: str
@@ -66,7 +66,7 @@ class ModelSpec:
         return rows * cols
 
     @classmethod
-    def from_json(cls, path: Path) -> "ModelSpec":
+    def from_json(cls, path: Path) -> ModelSpec:
         """Parse and validate ``model.json``."""
         try:
             raw = json.loads(path.read_text())
@@ -165,10 +165,11 @@ class OnnxModel:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
 
-        file, expected_sha = self.spec.file, self.spec.sha256
-        wants_fp16 = use_fp16 and CUDA_PROVIDER in providers and self.spec.fp16_file
-        if wants_fp16 and (self.model_dir / self.spec.fp16_file).is_file():
-            file, expected_sha = self.spec.fp16_file, self.spec.fp16_sha256
+        file: str = self.spec.file
+        expected_sha: str | None = self.spec.sha256
+        fp16_file = self.spec.fp16_file
+        if use_fp16 and CUDA_PROVIDER in providers and fp16_file and (self.model_dir / fp16_file).is_file():
+            file, expected_sha = fp16_file, self.spec.fp16_sha256
         path = self.model_dir / file
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file missing")
@@ -176,7 +177,8 @@ class OnnxModel:
             actual = sha256_file(path)
             if expected_sha and actual != expected_sha:
                 raise ModelLoadError(
-                    f"{path}: sha256 {actual} does not match model.json ({expected_sha}); the folder is corrupt or was edited"
+                    f"{path}: sha256 {actual} does not match model.json ({expected_sha}); "
+                    "the folder is corrupt or was edited"
                 )
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -186,8 +188,8 @@ class OnnxModel:
         self.providers = self.session.get_providers()
         if provider == "cuda" and CUDA_PROVIDER not in self.providers:
             raise ModelLoadError(
-                "provider 'cuda' asked for, but onnxruntime could not start it (missing CUDA/cuDNN libraries or no GPU); "
-                "see the onnxruntime log above"
+                "provider 'cuda' asked for, but onnxruntime could not start it "
+                "(missing CUDA/cuDNN libraries or no GPU); see the onnxruntime log above"
             )
         if CUDA_PROVIDER in providers and CUDA_PROVIDER not in self.providers:
             log.warning("CUDA provider could not start (see onnxruntime's message above): falling back to the CPU")
@@ -232,7 +234,7 @@ class OnnxModel:
         names = [name for name in OUTPUT_NAMES if name in set(outputs)]
         feed = {self.spec.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
         results = self.session.run(names, feed)
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, results)}
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, results, strict=True)}
 
     def warm_up(self, batches: int = 2, batch_size: int = 1) -> float:
         """Run a few dummy batches (allocations, kernel selection, CUDA context); returns the seconds spent."""

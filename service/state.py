@@ -11,18 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from dino.images import ImageInputError
 from service.batching import DynamicBatcher
 from service.index import EmbeddingIndex
 from service.metrics import ServiceMetrics
-from dino.images import ImageInputError
 from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
 from service.runtime import OnnxModel
 from service.settings import ServiceSettings
@@ -78,7 +79,7 @@ class ServiceState:
             if isinstance(result, BaseException):
                 raise result
         self.metrics.images.labels("accepted").inc(len(results))
-        return list(results)
+        return [result for result in results if isinstance(result, PreparedImage)]  # all of them, by now
 
     async def infer(self, prepared: Iterable[PreparedImage], outputs: Iterable[str]) -> list[dict[str, np.ndarray]]:
         """Model outputs of prepared images through the dynamic batcher."""
@@ -108,7 +109,7 @@ class ServiceState:
 def open_index(settings: ServiceSettings, model: OnnxModel, folder: Path | None, **overrides) -> EmbeddingIndex:
     """The gallery index of ``model`` in ``folder`` (None: in memory), with the settings' index type,
     HNSW parameters, compaction and read-only flag; ``overrides`` replace any of those."""
-    options = dict(
+    options: dict[str, Any] = dict(
         index_type=settings.index_type,
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction,

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -147,7 +147,8 @@ def evaluate_model(
         attention, _ = photo_attention(session, meta, path, image_size)
         per_image[name] = score_map(attention, mask)
     scores = list(per_image.values())
-    mean = {f: float(np.mean([getattr(s, f) for s in scores])) for f in ("box_area", "mass_in_box", "lift", "jaccard")}
+    fields = ("box_area", "mass_in_box", "lift", "jaccard")
+    mean: dict[str, Any] = {f: float(np.mean([getattr(s, f) for s in scores])) for f in fields}
     mean["head_lift"] = [float(v) for v in np.mean([s.head_lift for s in scores], axis=0)]
     return {"image_size": image_size, "per_image": {k: asdict(v) for k, v in per_image.items()}, "mean": mean}
 

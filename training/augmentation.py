@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 #: ImageNet statistics, used by DINO for every dataset
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

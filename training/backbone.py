@@ -9,8 +9,11 @@ embeddings to whatever grid the input has.
 
 from __future__ import annotations
 
+from typing import cast
+
 import timm
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 #: arch name -> timm model name (the patch size and image size are overridden at build time)
 ARCHS: dict[str, str] = {
@@ -31,13 +34,13 @@ def check_backbone_args(arch: str, patch_size: int, img_size: int) -> None:
         raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
 
 
-def build_backbone(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
+def build_backbone(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> VisionTransformer:
     """Build a randomly initialised timm ViT that maps images to their [CLS] embedding.
 
     Never downloads weights: pretrained weights come in through ``dino import`` from local files.
     """
     check_backbone_args(arch, patch_size, img_size)
-    return timm.create_model(
+    model = timm.create_model(
         ARCHS[arch],
         pretrained=False,
         num_classes=0,  # no classifier: forward() returns the normalised [CLS] token
@@ -46,6 +49,7 @@ def build_backbone(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
         dynamic_img_size=True,  # local crops: position embeddings interpolated to their grid
         drop_path_rate=drop_path_rate,
     )
+    return cast(VisionTransformer, model)  # timm types create_model as returning any Module
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> None:
@@ -57,4 +61,4 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> None:
     """
     for module in model.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
+            module.fused_attn = enabled  # type: ignore[assignment]  # a flag of timm's Attention, not a submodule

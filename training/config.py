@@ -74,8 +74,11 @@ class TrainConfig:
     knn_image_size: int = 0  #: 0: the global crop size
 
     def __post_init__(self) -> None:
-        self.global_scale = tuple(self.global_scale)
-        self.local_scale = tuple(self.local_scale)
+        # YAML and argparse give lists: back to (min, max) pairs (a wrong length is a ValueError)
+        global_min, global_max = self.global_scale
+        local_min, local_max = self.local_scale
+        self.global_scale = (float(global_min), float(global_max))
+        self.local_scale = (float(local_min), float(local_max))
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -100,7 +103,7 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -108,7 +111,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -64,4 +64,4 @@ def collate_skip_none(batch: list) -> tuple[list[torch.Tensor] | None, int]:
     skipped = len(batch) - len(good)
     if not good:
         return None, skipped
-    return [torch.stack(views) for views in zip(*good)], skipped
+    return [torch.stack(views) for views in zip(*good, strict=True)], skipped

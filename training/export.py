@@ -124,7 +124,7 @@ def _name_dims(path: Path, embed_dim: int, num_heads: int, dynamic_hw: bool) -> 
         "attention": (DIM_BATCH, num_heads, DIM_PATCHES if dynamic_hw else None),
     }
     for value in list(model.graph.input) + list(model.graph.output):
-        for dim, wanted in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+        for dim, wanted in zip(value.type.tensor_type.shape.dim, shapes[value.name], strict=True):
             if isinstance(wanted, str):
                 dim.dim_param = wanted
     del model.graph.value_info[:]
@@ -161,7 +161,7 @@ def verify_onnx(path: str | Path, module: nn.Module, example: torch.Tensor) -> d
         reference = module(example)
     return {
         name: float(np.abs(result - ref.float().numpy()).max())
-        for name, result, ref in zip(OUTPUT_NAMES, results, reference)
+        for name, result, ref in zip(OUTPUT_NAMES, results, reference, strict=True)
     }
 
 
@@ -213,7 +213,7 @@ def export_backbone(
         raise ExportError(f"resize size {resize_size} is smaller than the crop size {image_size}")
     output_dir = Path(output_dir)
 
-    vit = copy.deepcopy(backbone).float().cpu().eval()
+    vit: Any = copy.deepcopy(backbone).float().cpu().eval()  # a timm VisionTransformer
     module = DinoExportModule(vit).eval()
     dynamic_hw = bool(getattr(vit, "dynamic_img_size", False))
     grid_patch = tuple(getattr(vit.patch_embed, "patch_size", (patch_size, patch_size)))
@@ -240,7 +240,7 @@ def export_backbone(
 
     files: dict[str, Any] = {}
     report: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True)"}
-    variants = [(MODEL_FILE, module, VERIFY_ATOL)]
+    variants: list[tuple[str, nn.Module, float]] = [(MODEL_FILE, module, VERIFY_ATOL)]
     if fp16:
         variants.append((FP16_FILE, Float16Module(copy.deepcopy(module)).eval(), VERIFY_ATOL_FP16))
     for filename, variant, atol in variants:
@@ -296,7 +296,7 @@ def export_backbone(
         "sha256": files[MODEL_FILE]["sha256"],
         "provenance": {
             **(provenance or {}),
-            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
             "timm_version": timm.__version__,
             "onnx_version": onnx.__version__,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from dino.model_folder import ModelMetadata
 from training.export import DEFAULT_OPSET, FP16_FILE, MIN_OPSET, MODEL_FILE, export_backbone
 from training.export_graph import ExportError
 from training.weights import WeightsError, load_checkpoint_teacher
@@ -36,7 +37,7 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
 
 def export_with_options(
     backbone: nn.Module, args: argparse.Namespace, *, arch: str, patch_size: int, image_size: int, provenance: dict
-) -> dict:
+) -> ModelMetadata:
     """:func:`export_backbone` into ``args.output`` with the options of :func:`add_export_options`."""
     output = Path(args.output)
     return export_backbone(
@@ -66,10 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_export_options(parser)
 
 
-def print_summary(metadata: dict, output_dir: Path) -> None:
+def print_summary(metadata: ModelMetadata, output_dir: Path) -> None:
     """What ``dino export``/``dino import`` print: files, sizes, checker, export time, parity."""
     print(
-        f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, dynamic H/W: {metadata['dynamic_hw']})"
+        f"wrote {output_dir}/  ({metadata['arch']}/{metadata['patch_size']}, {metadata['image_size']} px, "
+        f"dynamic H/W: {metadata['dynamic_hw']})"
     )
     for filename in (MODEL_FILE, FP16_FILE):
         info = metadata["export"].get(filename)
@@ -106,7 +108,8 @@ def read_knn_result(path: str | Path, meta: dict) -> dict:
         raise ExportError(f"--knn-result {path}: not a 'dino knn --checkpoint' result (needs top1, top5, epoch)")
     if result["epoch"] != meta.get("epoch"):
         raise ExportError(
-            f"--knn-result {path}: evaluates epoch {result['epoch']}, but the checkpoint is at epoch {meta.get('epoch')}"
+            f"--knn-result {path}: evaluates epoch {result['epoch']}, "
+            f"but the checkpoint is at epoch {meta.get('epoch')}"
         )
     return result
 

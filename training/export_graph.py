@@ -13,6 +13,7 @@ attention path, for parity checks.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,7 @@ class DinoExportModule(nn.Module):
     def __init__(self, vit: nn.Module):
         super().__init__()
         _check_supported(vit)
-        self.vit = vit
+        self.vit: Any = vit  # a timm VisionTransformer, whose parts torch's typing cannot see
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         vit = self.vit

@@ -64,7 +64,7 @@ def labelled_folder(root: str | Path, transform, max_images: int = 0) -> tuple[I
     try:
         dataset = ImageFolder(str(root), transform=transform, loader=load_rgb, is_valid_file=_is_image)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"k-NN folder {str(root)!r}: {exc} (expected ImageFolder layout root/<class>/<image>)")
+        raise DataError(f"k-NN folder {str(root)!r}: {exc} (expected ImageFolder layout root/<class>/<image>)") from exc
     if max_images and max_images < len(dataset):
         per_class = defaultdict(list)
         for i, target in enumerate(dataset.targets):
@@ -110,8 +110,8 @@ def weighted_knn(
         weights = (similarity / temperature).exp()
         votes = torch.zeros(queries.shape[0], num_classes).scatter_add_(1, neighbour_labels, weights)
         top = votes.topk(min(5, num_classes), dim=1).indices
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+        correct1 += int((top[:, 0] == targets).sum().item())
+        correct5 += int((top == targets[:, None]).any(dim=1).sum().item())
     n = test_features.shape[0]
     return KnnResult(
         top1=100.0 * correct1 / n,

@@ -37,6 +37,7 @@ class DINOLoss(nn.Module):
         self.ncrops = ncrops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center: torch.Tensor
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:

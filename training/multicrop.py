@@ -25,7 +25,7 @@ class MultiCropWrapper(nn.Module):
             crops = [crops]
         embeddings = []
         # consecutive crops of the same size are batched together (2 globals, then N locals)
-        for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
-            group = list(group)
+        for _, same_size in itertools.groupby(crops, key=lambda c: tuple(c.shape[-2:])):
+            group = list(same_size)
             embeddings.append(self.backbone(torch.cat(group)))
         return self.head(torch.cat(embeddings))

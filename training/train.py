@@ -14,11 +14,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -77,7 +77,8 @@ class EpochSampler(Sampler[int]):
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on weights only: biases and norm parameters (1-D) are not regularised."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -111,7 +112,7 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher = m * teacher + (1 - m) * student, over parameters (Eq. in Sec. 3.1)."""
-    t_params = list(teacher.parameters())
+    t_params: list[torch.Tensor] = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
@@ -194,7 +195,7 @@ class Trainer:
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         self.student_module = student.to(self.device)
         self.teacher = teacher.to(self.device)
-        self.student = (
+        self.student: nn.Module = (
             nn.parallel.DistributedDataParallel(
                 self.student_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -202,7 +203,7 @@ class Trainer:
             else self.student_module
         )
         if cfg.compile:
-            self.student = torch.compile(self.student)
+            self.student = cast(nn.Module, torch.compile(self.student))  # an OptimizedModule
             self.teacher_forward = torch.compile(self.teacher)
         else:
             self.teacher_forward = self.teacher

@@ -45,11 +45,11 @@ def _heat(values: np.ndarray, size: int) -> np.ndarray:
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
     rgb = (colormaps[COLORMAP](scaled)[..., :3] * 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.NEAREST))
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.NEAREST))
 
 
 def _upsample_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 0
 
 
 def read_model_metadata(model_dir: Path) -> dict:
@@ -97,7 +97,8 @@ def checked_image_size(meta: dict, image_size: int | None, model_dir: Path) -> i
     patch = meta["patch_size"]
     if image_size % patch or (image_size != meta["image_size"] and not meta.get("dynamic_hw")):
         raise VisualizeError(
-            f"image size {image_size} is not supported by {model_dir} (patch {patch}, dynamic H/W {meta.get('dynamic_hw')})"
+            f"image size {image_size} is not supported by {model_dir} "
+            f"(patch {patch}, dynamic H/W {meta.get('dynamic_hw')})"
         )
     return image_size
 
@@ -144,7 +145,7 @@ def attention_grid(
 
     for r, path in enumerate(images):
         attention, display = photo_attention(session, meta, Path(path), image_size)
-        photo = np.asarray(Image.fromarray(display).resize((cell, cell), Image.BICUBIC))
+        photo = np.asarray(Image.fromarray(display).resize((cell, cell), Image.Resampling.BICUBIC))
         mean = attention.mean(axis=0)
         tiles = [photo, (photo * (1 - OVERLAY_ALPHA) + _heat(mean, cell) * OVERLAY_ALPHA).astype(np.uint8)]
         tiles += [_heat(attention[h], cell) for h in range(heads)]

@@ -28,6 +28,8 @@ position embeddings (bicubic, as timm does) when the file was trained at another
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +50,15 @@ def _safe_globals() -> list:
     """Types that are harmless to unpickle and occur in checkpoints: argparse args (official DINO
     checkpoints), NumPy arrays and scalars (RNG states, metrics)."""
     try:
-        from numpy._core.multiarray import _reconstruct, scalar
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    _reconstruct, scalar = multiarray._reconstruct, multiarray.scalar
     dtypes = [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", [])]
     return [argparse.Namespace, np.ndarray, np.dtype, _reconstruct, scalar, *dtypes]
 
 
-def load_torch_file(path: str | Path) -> Any:
+def load_torch_file(path: str | os.PathLike[str]) -> Any:
     """``torch.load`` onto the CPU without executing arbitrary pickled code.
 
     Only tensors, plain containers and the types of :func:`_safe_globals` are accepted; anything else
@@ -164,14 +167,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
         if not path.is_file():
             raise WeightsError(f"{path}: no such file")
         try:
-            obj = load_file(str(path), device="cpu")
+            tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from exc
-        return _drop_heads(strip_prefixes(obj, WRAPPER_PREFIXES)), FORMAT_SAFETENSORS, {}
+        return _drop_heads(strip_prefixes(tensors, WRAPPER_PREFIXES)), FORMAT_SAFETENSORS, {}
 
-    obj = load_torch_file(path)
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a dict (a state dict or a checkpoint), found {type(obj).__name__}")
+    loaded = load_torch_file(path)
+    if not isinstance(loaded, dict):
+        raise WeightsError(f"{path}: expected a dict (a state dict or a checkpoint), found {type(loaded).__name__}")
+    obj: dict[str, Any] = loaded
 
     if "teacher" in obj and "config" in obj and "epoch" in obj:
         config = dict(obj["config"])
@@ -233,11 +237,12 @@ def fit_state_dict(backbone: nn.Module, state: dict[str, torch.Tensor], describe
         and pos.shape[-1] == target.shape[-1]
         and pos.shape != target.shape
     ):
-        prefix = backbone.num_prefix_tokens
+        vit: Any = backbone  # a timm VisionTransformer
+        prefix = int(vit.num_prefix_tokens)
         old_side = round((pos.shape[1] - prefix) ** 0.5)
         if old_side * old_side + prefix == pos.shape[1]:
             state[POS_EMBED_KEY] = resample_abs_pos_embed(
-                pos.float(), new_size=list(backbone.patch_embed.grid_size), num_prefix_tokens=prefix
+                pos.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix
             ).to(pos.dtype)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
