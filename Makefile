@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make serve   set up a virtual environment with the serving extra and serve the default model
 #   make test    set up a virtual environment with every extra and run the test suite
+#   make lint    ruff (lint and format check) and mypy, as CI runs them before the tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: serve test install-serve install-dev clean
+.PHONY: serve test lint install-serve install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ serve: install-serve
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

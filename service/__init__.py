@@ -1,1 +1,18 @@
-"""The DINO feature-extraction service (FastAPI + onnxruntime; never imports torch)."""
+"""The DINO feature-extraction service (FastAPI + onnxruntime).
+
+Stands on the torch-free core (:mod:`dino`), never imports ``training`` or torch. Layout:
+
+- ``app``           the application factory and the exception handlers (errors to HTTP statuses)
+- ``routes``        the HTTP routes; ``schemas`` their pydantic models; ``dependencies`` auth
+- ``settings``      the one typed settings object (``DINO_*`` environment variables)
+- ``server``        ``dino serve`` (uvicorn)
+- ``runtime``       the onnxruntime session of a model folder
+- ``preprocess``    the evaluation transform (decoding itself is :mod:`dino.images`)
+- ``uploads``       multipart / JSON request bodies and their limits
+- ``batching``      the dynamic batcher
+- ``state``         what one running service holds (model, batcher, gallery, pools)
+- ``index``         the gallery: FAISS with a crash-safe journal
+- ``index_cli``     ``dino index build``
+- ``overlay``       the attention heatmap PNG
+- ``metrics``       Prometheus metrics
+"""
