@@ -113,7 +113,7 @@ def batched(index, queries: np.ndarray, k: int, repeats: int = 1) -> tuple[dict,
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean over queries of |found[:k] ∩ truth[:k]| / k (the flat search is the ground truth)."""
     hits = 0
-    for f, t in zip(found[:, :k], truth[:, :k]):
+    for f, t in zip(found[:, :k], truth[:, :k], strict=True):
         hits += len(np.intersect1d(f, t, assume_unique=True))
     return hits / (k * len(truth))
 
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "faiss_search",
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": info,
         "config": {
             "dim": args.dim,
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.sizes:
         report["results"].append(bench_size(n, args, centres, spreads, queries, rng))
-        report["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        report["finished"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         report["machine"]["loadavg_at_end"] = list(os.getloadavg())
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -30,6 +30,7 @@ Writes ``benchmarks/results/inference_cpu.json`` (``inference_cuda.json`` with `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -44,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dino.data_dir import data_dir  # noqa: E402
 from benchmarks.machine import machine_info as shared_machine_info  # noqa: E402
+from dino.data_dir import data_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = data_dir()
@@ -107,6 +108,14 @@ def ort_session(path: Path, provider: str, threads: int):
     if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError(f"CUDA provider unavailable for {path} (providers: {session.get_providers()})")
     return session
+
+
+def forward_inference_mode(module, x) -> None:
+    """``module(x)`` under ``torch.inference_mode`` (the timed call of the torch eager rows)."""
+    import torch
+
+    with torch.inference_mode():
+        module(x)
 
 
 def torch_module(folder: Path, meta: dict, backbone=None):
@@ -173,7 +182,7 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
         fp32 = sessions["fp32"].run(list(OUTPUT_NAMES), {"image": x})
         fp16 = sessions["fp16"].run(list(OUTPUT_NAMES), {"image": x})
         result["fp16_vs_fp32_max_abs_diff"] = {
-            n: float(np.abs(a - b).max()) for n, a, b in zip(OUTPUT_NAMES, fp32, fp16)
+            n: float(np.abs(a - b).max()) for n, a, b in zip(OUTPUT_NAMES, fp32, fp16, strict=True)
         }
         result["fp16_parity_input"] = "real photos" if photos is not None else "random"
         log.info("fp16 vs fp32: %s", result["fp16_vs_fp32_max_abs_diff"])
@@ -185,7 +194,7 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
             row = {"batch": batch, "engine": "onnxruntime", "precision": precision}
             try:
                 row |= time_runs(
-                    lambda: session.run(list(OUTPUT_NAMES), {"image": x}),
+                    functools.partial(session.run, list(OUTPUT_NAMES), {"image": x}),
                     batch,
                     args.warmup,
                     args.min_seconds,
@@ -202,11 +211,7 @@ def bench_model(folder: Path, args, backbone=None) -> dict:
             dtype = torch.float16 if precision == "fp16" else torch.float32
             eager = module.to(device=device, dtype=dtype)
             xt = torch.from_numpy(x).to(device=device, dtype=dtype)
-
-            def run() -> None:
-                with torch.inference_mode():
-                    eager(xt)
-
+            run = functools.partial(forward_inference_mode, eager, xt)
             try:
                 row |= time_runs(run, batch, args.warmup, args.min_seconds, args.min_iters, sync)
             except RuntimeError as exc:
@@ -228,7 +233,8 @@ def print_table(results: list[dict]) -> None:
             print(f"| {res['model']} | {row['batch']} | {row['engine']} | {row['precision']} | {ips} | {ms} |")
         if "fp16_vs_fp32_max_abs_diff" in res:
             print(
-                f"\n{res['model']}: fp16 vs fp32 max abs diff ({res['fp16_parity_input']}): {res['fp16_vs_fp32_max_abs_diff']}"
+                f"\n{res['model']}: fp16 vs fp32 max abs diff ({res['fp16_parity_input']}): "
+                f"{res['fp16_vs_fp32_max_abs_diff']}"
             )
     for res in results:
         rows = {(r["batch"], r["engine"], r["precision"]): r.get("img_per_s") for r in res["rows"]}

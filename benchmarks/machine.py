@@ -27,7 +27,7 @@ def machine_info() -> dict:
     """Date, host, CPU model and counts, memory, and the load average at the start."""
     mem_kb = _proc_field("/proc/meminfo", "MemTotal")
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),

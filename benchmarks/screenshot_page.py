@@ -31,8 +31,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,12 +43,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dino.data_dir import data_dir  # noqa: E402
+from tests.helpers import ServerProcess  # noqa: E402
 
 DATA_DIR = data_dir()
 DEFAULT_CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 DEFAULT_OUT = REPO / "docs" / "service_page.png"
 #: the query photo (not among the first 20, the gallery): a dog; the gallery holds five other dog breeds
 DEFAULT_QUERY = "n02110185_Siberian_husky.JPEG"
+#: seconds ``dino serve`` may take to answer /readyz
+SERVER_READY_TIMEOUT = 300.0
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -76,65 +77,16 @@ class PageError(AssertionError):
 
 
 # ------------------------------------------------------------------------------------------ server
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(model_dir: Path, log_path: Path, ready_timeout: float = 300.0, extra_env: dict | None = None):
-    """``dino serve`` on 127.0.0.1 (CPU, in-memory gallery); yields the base URL once /readyz is 200."""
-    import httpx
-
-    port = free_port()
-    env = {
-        **os.environ,
+def page_server(model_dir: Path, log_path: Path) -> ServerProcess:
+    """``dino serve`` on 127.0.0.1 (CPU unless ``$DINO_PROVIDER`` says otherwise, in-memory gallery, no API
+    key), not started yet: ``with page_server(...).start(timeout) as server``."""
+    env: dict[str, str | None] = {
         "DINO_PROVIDER": os.environ.get("DINO_PROVIDER", "cpu"),
         "DINO_LOG_LEVEL": "warning",
-        **(extra_env or {}),
+        "DINO_INDEX_DIR": None,
+        "DINO_API_KEY": None,
     }
-    env.pop("DINO_INDEX_DIR", None)
-    env.pop("DINO_API_KEY", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "dino.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server not ready after {ready_timeout:.0f}s:\n{log_path.read_text(errors='replace')[-3000:]}"
-                )
-            time.sleep(0.25)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    return ServerProcess(model_dir, log_path, env=env)
 
 
 def label_of(path: Path) -> str:
@@ -295,7 +247,9 @@ PAGE_STATE_JS = """(() => {
     overlayLoaded: overlay.complete && overlay.naturalWidth > 0,
     overlaySize: [overlay.naturalWidth, overlay.naturalHeight],
     neighbours: thumbs.length,
-    thumbsLoaded: thumbs.filter((i) => i.complete && i.naturalWidth > 0 && (i.getAttribute('src') || '').startsWith('blob:')).length,
+    thumbsLoaded: thumbs.filter(
+      (i) => i.complete && i.naturalWidth > 0 && (i.getAttribute('src') || '').startsWith('blob:')
+    ).length,
     labels: [...document.querySelectorAll('#neighbors .label')].map((e) => e.textContent),
     scores: [...document.querySelectorAll('#neighbors .score')].map((e) => parseFloat(e.textContent)),
     heads: document.getElementById('head').options.length - 1,
@@ -335,7 +289,8 @@ def screenshot_page(
         raise FileNotFoundError(query_path)
     gallery = [p for p in photos if p != query_path][:gallery_size]
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="dino-page-"))
-    with running_server(model_dir, log_dir / "server.log") as base:
+    with page_server(model_dir, log_dir / "server.log").start(SERVER_READY_TIMEOUT) as server:
+        base = server.url
         ids = index_gallery(base, gallery)
         with headless_chromium(chromium, width, 900) as cdp:
             cdp.send("Page.navigate", url=f"{base}/")
@@ -362,7 +317,8 @@ def screenshot_page(
             expected = min(k, len(ids))
             wait_for(
                 cdp,
-                f"(() => {{ const s = {PAGE_STATE_JS}; return s.overlayLoaded && s.queryLoaded && s.overlaySrc.startsWith('blob:')"
+                f"(() => {{ const s = {PAGE_STATE_JS}; return s.overlayLoaded && s.queryLoaded"
+                " && s.overlaySrc.startsWith('blob:')"
                 f" && s.neighbours === {expected} && s.thumbsLoaded === {expected} && !s.statusIsError; }})()",
                 timeout,
                 "the attention overlay and the neighbour thumbnails",

@@ -26,8 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dino.data_dir import data_dir  # noqa: E402
 from benchmarks.machine import machine_info  # noqa: E402
+from dino.data_dir import data_dir  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import Trainer  # noqa: E402
 
