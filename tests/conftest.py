@@ -1,22 +1,25 @@
-"""Shared fixtures: where the real image data lives."""
+"""Repo-wide fixtures: where the real image data lives.
+
+The folder is resolved by ``dino.data_dir.data_dir()``, the one place that reads ``DINO_DATA_DIR``
+(default ``<repo>/../shared/data``); tests that need it are skipped when it is absent.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("DINO_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+from dino.data_dir import data_dir as real_data_dir
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The read-only real data folder (``DINO_DATA_DIR``, default ``../shared/data``)."""
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"real data folder {DATA_DIR} is absent (set DINO_DATA_DIR)")
-    return DATA_DIR
+    folder = real_data_dir()
+    if not folder.is_dir():
+        pytest.skip(f"real data folder {folder} is absent (set DINO_DATA_DIR)")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -28,10 +28,13 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 K = 12
 GALLERY = 20
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(),
-    reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM=/path/to/chromium)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a real server process, a gallery of 20 photos and a browser
+    pytest.mark.skipif(
+        not Path(CHROMIUM).is_file(),
+        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM=/path/to/chromium)",
+    ),
+]
 
 
 def _load_driver():

@@ -17,14 +17,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dino import cli
+from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
 from training.augmentation import eval_transform
 from training.backbone import build_backbone
 from training.checkpoint import rng_state, save_checkpoint
 from training.config import TrainConfig
-from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
 from training.export import MODEL_FILE
 from training.export_graph import reference_outputs
 from training.head import DINOHead
+from training.multicrop import MultiCropWrapper
 from training.weights import (
     FORMAT_OFFICIAL_BACKBONE,
     FORMAT_OFFICIAL_FULL,
@@ -33,7 +34,6 @@ from training.weights import (
     WeightsError,
     load_backbone_weights,
 )
-from training.multicrop import MultiCropWrapper
 
 ARCH, PATCH, SIZE = "vit_tiny", 16, 64
 FP32_ATOL = 1e-4
@@ -190,6 +190,7 @@ def test_position_embeddings_resampled_to_image_size(tmp_path):
     assert torch.equal(loaded["blocks.5.attn.qkv.weight"], at_224["blocks.5.attn.qkv.weight"])
 
 
+@pytest.mark.slow  # a real ONNX export
 def test_cli_import_official_full_checkpoint_parity(weights, tmp_path, capsys, data_dir):
     path = write_file("official_full", weights, tmp_path)
     out = tmp_path / "models" / "dino-tiny"
@@ -223,7 +224,7 @@ def test_cli_import_official_full_checkpoint_parity(weights, tmp_path, capsys, d
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")})
     images = _photos(data_dir)
     session = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
-    onnx_out = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"image": images.numpy()})))
+    onnx_out = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"image": images.numpy()}), strict=True))
     reference = reference_outputs(model.eval(), images)
     diffs = {k: float(np.abs(onnx_out[k] - reference[k].numpy()).max()) for k in OUTPUT_NAMES}
     print(f"imported official checkpoint, ORT vs PyTorch: {diffs}")

@@ -12,13 +12,12 @@ from PIL import Image
 from dino.images import ImageTooLarge, InvalidImage, UnsupportedImage, decode_image, to_rgb
 from service.preprocess import EvalTransform, Preprocessor
 from service.runtime import OnnxModel
-from test_service_support import (  # noqa: F401  (model_dir is a fixture)
+from tests.service.images import (
     encode,
-    model_dir,
     photo,
     photo_bytes,
-    png_bomb,
     photo_paths,
+    png_bomb,
     with_jpeg_dimensions,
 )
 
@@ -133,8 +132,8 @@ def test_pixels_match_torchvision_eval_transform(image_size, resize_size):
     Pillow and PyTorch's uint8 antialiased bicubic share the filter (a = -0.5, support scaled by the
     downscale factor) but not every rounding step: a few pixels differ by one or two levels."""
     pytest.importorskip("torchvision")
-    from training.augmentation import eval_transform
     from dino.images import load_rgb
+    from training.augmentation import eval_transform
 
     reference_transform = eval_transform(image_size, resize_size)
     service_transform = EvalTransform(image_size, resize_size, MEAN, STD)
@@ -160,8 +159,8 @@ def test_embeddings_match_torchvision_eval_transform(model_dir):
     """The parity that matters: L2-normalised embeddings of real photos, preprocessed by the service
     vs by the training eval transform, through the same ONNX model."""
     pytest.importorskip("torchvision")
-    from training.augmentation import eval_transform
     from dino.images import load_rgb
+    from training.augmentation import eval_transform
 
     model = OnnxModel(model_dir, provider="cpu")
     spec = model.spec

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from dino.cli import main as dino
+from service.app import create_app
 from service.index import (
     EmbeddingIndex,
     GalleryError,
@@ -23,7 +23,7 @@ from service.index import (
     is_valid_image_id,
 )
 from service.settings import ServiceSettings
-from test_service_support import model_dir, multipart, photo_paths  # noqa: F401  (model_dir is a fixture)
+from tests.service.images import multipart, photo_paths
 
 DIM = 16
 SHA = "a" * 64

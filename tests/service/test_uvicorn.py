@@ -15,9 +15,14 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
-from test_service_support import ServerProcess, model_dir, multipart, photo_bytes  # noqa: F401  (fixture)
+from tests.helpers import ServerProcess
+from tests.service.images import multipart, photo_bytes
+
+# every test here starts real server processes (a few seconds each)
+pytestmark = pytest.mark.slow
 
 API_KEY = "uvicorn-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

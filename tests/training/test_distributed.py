@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from training.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+
+# two training processes and their start-up: ~10 s
+pytestmark = pytest.mark.slow
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, data_dir):

@@ -2,6 +2,7 @@
 
 One tiny random-init ViT (vit_tiny, patch 16, 64 px) is saved as a ``dino train`` checkpoint and
 exported once through the CLI (module-scoped fixture); the tests then inspect that model folder.
+That export takes ~15 s, so every test that uses it is marked ``slow``.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import torch
 from PIL import Image
 
 from dino import cli
+from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
 from training.augmentation import eval_transform
 from training.backbone import build_backbone
 from training.checkpoint import rng_state, save_checkpoint
 from training.config import TrainConfig
-from dino.model_folder import METADATA_FILE, OUTPUT_NAMES, sha256_file
 from training.export import FP16_FILE, MODEL_FILE, export_backbone
 from training.export_graph import ExportError, reference_outputs
-from training.weights import load_checkpoint_teacher
 from training.head import DINOHead
 from training.multicrop import MultiCropWrapper
+from training.weights import load_checkpoint_teacher
 
 ARCH, PATCH, SIZE = "vit_tiny", 16, 64
 FP32_ATOL = 1e-4
@@ -59,7 +60,7 @@ def run_onnx(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
     """ONNX Runtime CPU outputs by name (one session per file for the whole module)."""
     if path not in _SESSIONS:
         _SESSIONS[path] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip(OUTPUT_NAMES, _SESSIONS[path].run(list(OUTPUT_NAMES), {"image": images.numpy()})))
+    return dict(zip(OUTPUT_NAMES, _SESSIONS[path].run(list(OUTPUT_NAMES), {"image": images.numpy()}), strict=True))
 
 
 def max_diffs(onnx_out: dict[str, np.ndarray], reference: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -138,6 +139,7 @@ def model_dir(export_run) -> Path:
     return export_run[0]
 
 
+@pytest.mark.slow
 def test_cli_prints_checker_size_and_time(export_run):
     model_dir, printed = export_run
     print(printed)
@@ -150,6 +152,7 @@ def test_cli_prints_checker_size_and_time(export_run):
     assert max(info["ort_cpu_max_abs_diff"].values()) <= FP32_ATOL
 
 
+@pytest.mark.slow
 def test_model_json_contract(checkpoint, model_dir):
     meta = json.loads((model_dir / METADATA_FILE).read_text())
     assert meta["format_version"] == 1
@@ -172,6 +175,7 @@ def test_model_json_contract(checkpoint, model_dir):
     assert {"exported_at", "torch_version", "timm_version"} <= set(prov)
 
 
+@pytest.mark.slow
 def test_onnx_checker_and_io_names(model_dir):
     for filename in (MODEL_FILE, FP16_FILE):
         onnx.checker.check_model(str(model_dir / filename), full_check=True)
@@ -193,6 +197,7 @@ def test_loader_uses_teacher(checkpoint, teacher):
         assert torch.equal(backbone.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_parity_on_real_photos_dynamic_batch(model_dir, teacher, data_dir):
     images = load_photos(data_dir, SIZE)
     reference = reference_outputs(teacher, images)
@@ -210,6 +215,7 @@ def test_parity_on_real_photos_dynamic_batch(model_dir, teacher, data_dir):
     assert np.all(full["attention"] >= 0) and np.all(sums <= 1 + 1e-5) and np.all(sums > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width", [(96, 48), (32, 32)])
 def test_parity_at_other_resolutions(model_dir, teacher, data_dir, height, width):
     """Dynamic H/W: the position embeddings are resampled (up and down) inside the graph like timm does."""
@@ -221,6 +227,7 @@ def test_parity_at_other_resolutions(model_dir, teacher, data_dir, height, width
     assert max(diffs.values()) <= FP32_ATOL, diffs
 
 
+@pytest.mark.slow
 def test_fp16_model_close_to_fp32(model_dir, teacher, data_dir):
     images = load_photos(data_dir, SIZE)
     try:
@@ -267,8 +274,10 @@ def test_knn_result_of_another_epoch_is_refused(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "m" / METADATA_FILE).exists()
 
 
+@pytest.mark.slow
 def test_attention_grid_png(model_dir, tmp_path, data_dir):
-    from training.visualize import attention_grid, main as visualize_main
+    from training.visualize import attention_grid
+    from training.visualize import main as visualize_main
 
     folder = data_dir / "imagenet-sample"
     photos = [folder / PHOTOS[0], folder / PHOTOS[3]]
@@ -323,6 +332,7 @@ def test_box_scores_of_known_maps():
     assert two_heads.head_lift == pytest.approx([4.0, 0.0]) and two_heads.mass_in_box == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_attention_boxes_cli_with_random_baseline(model_dir, data_dir, tmp_path, capsys):
     from training.attention_boxes import main as boxes_main
 
@@ -365,6 +375,7 @@ def test_attention_boxes_cli_with_random_baseline(model_dir, data_dir, tmp_path,
     assert a != b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content, message",
     [

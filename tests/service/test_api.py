@@ -8,6 +8,7 @@ import io
 import json
 import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +20,10 @@ from service.index import EmbeddingIndex, GalleryModelMismatch
 from service.preprocess import Preprocessor
 from service.runtime import OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings, find_default_model
-from test_service_support import (  # noqa: F401  (model_dir is a fixture)
+from tests.service.images import (
     animated_gif,
     encode,
     exif_rotated_jpeg,
-    model_dir,
     multipart,
     photo,
     photo_bytes,
@@ -31,6 +31,7 @@ from test_service_support import (  # noqa: F401  (model_dir is a fixture)
     with_jpeg_dimensions,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 MAX_UPLOAD = 1_500_000
 MAX_IMAGES = 6
 API_KEY = "test-secret-key"
@@ -261,7 +262,10 @@ def test_gallery_field_validation(client):
 def bad_inputs() -> list[tuple[str, dict, set[int]]]:
     """(name, request kwargs for POST /embed, accepted status codes)."""
     jpeg = photo_bytes(0)
-    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"><rect width="9" height="9"/></svg>'
+    svg = (
+        b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="9" height="9">'
+        b'<rect width="9" height="9"/></svg>'
+    )
     html = b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>"
     return [
         ("empty body", {"content": b""}, {422}),
@@ -469,6 +473,7 @@ def test_metrics_count_requests_batches_and_gallery(client):
     assert 'provider="CPUExecutionProvider"' in text
 
 
+@pytest.mark.slow  # waits 200 ms per batch on purpose, ~3 s
 def test_concurrent_requests_share_inference_calls(model_dir):
     """Dynamic batching: 12 concurrent single-image requests take fewer than 12 onnxruntime calls,
     and batching does not change any embedding."""
@@ -544,8 +549,6 @@ def test_service_never_imports_torch():
     """The serving install has no torch: importing every service module must not pull it in."""
     import subprocess
     import sys
-
-    from test_service_support import REPO
 
     modules = ["service.app", "service.server", "service.index_cli", "dino.cli"]
     code = (

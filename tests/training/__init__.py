@@ -1,0 +1,1 @@
+"""Training: loss, schedules, the network, augmentation, config, k-NN and real ``dino train`` runs."""
