@@ -1,0 +1,125 @@
+# shellcheck shell=bash disable=SC2154
+# Part of docker/smoke_test.sh (sourced by it, not run on its own): what the images are built from,
+# without an image registry.
+#
+#   - the base image $BASE_TAG: debootstrap --variant=minbase bookworm from $MIRROR, docker import
+#     (the tarball is cached in $CACHE/base)
+#   - the python image $PY_TAG on top of it: Debian's python3, python3-venv, python3-pip
+#   - the wheels: pip download on the host for the images' python (cp311, manylinux x86_64), cached
+#     in $CACHE/wheels and hard-linked into docker/wheels/NAME (removed again by the teardown)
+#
+# Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR MIRROR PYTHON DOCKER
+# PY_VERSION BASE_TAG PY_TAG WITH_GPU WITH_TRAIN IN_REPO; log, die.
+
+# phase "base image (debootstrap)"
+build_base_image() {
+    local tarball=$CACHE/base/debian-bookworm-minbase.tar rootfs
+    if "$DOCKER" image inspect "$BASE_TAG" >/dev/null 2>&1; then
+        log "$BASE_TAG is in the daemon's cache"
+    else
+        if [ -s "$tarball" ]; then
+            log "using the cached $tarball"
+        else
+            log "debootstrap --variant=minbase bookworm from $MIRROR (log: $LOG_DIR/debootstrap.log)"
+            mkdir -p "$CACHE/base"
+            rootfs=$CACHE/base/rootfs
+            debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >"$LOG_DIR/debootstrap.log" 2>&1 ||
+                { tail -n 30 "$LOG_DIR/debootstrap.log" >&2; die "debootstrap failed"; }
+            rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/*
+            tar --numeric-owner -C "$rootfs" -cf "$tarball.part" .
+            mv "$tarball.part" "$tarball"
+            rm -rf "$rootfs"
+            log "cached $tarball ($(du -h "$tarball" | cut -f1))"
+        fi
+        "$DOCKER" import --change 'ENV LANG=C.UTF-8' --change 'CMD ["bash"]' \
+            --message "debootstrap --variant=minbase bookworm" "$tarball" "$BASE_TAG" >/dev/null
+        log "imported $BASE_TAG"
+    fi
+}
+
+# phase "python image": the only build with network (the host's, for the Debian mirror)
+build_python_image() {
+    if "$DOCKER" image inspect "$PY_TAG" >/dev/null 2>&1; then
+        log "$PY_TAG is in the daemon's cache"
+    else
+        log "building $PY_TAG: Debian's python3 from the Debian mirror (the only step with network: the host's)"
+        "$DOCKER" build --network host -t "$PY_TAG" - >"$LOG_DIR/python-image.log" 2>&1 <<EOF ||
+FROM $BASE_TAG
+RUN apt-get update \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv python3-pip \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
+ENV LANG=C.UTF-8 PYTHONUNBUFFERED=1
+CMD ["python3"]
+EOF
+            { tail -n 30 "$LOG_DIR/python-image.log" >&2; die "building $PY_TAG failed"; }
+    fi
+    log "$PY_TAG: $("$DOCKER" run --rm --network none "$PY_TAG" python3 -c 'import sys, venv; print("python", sys.version.split()[0])')"
+}
+
+# ---------------------------------------------------------------------------------------------
+# wheels: pip download on the host for the images' python (cp311, manylinux x86_64)
+# ---------------------------------------------------------------------------------------------
+platform_args() {   # sets PLATFORM_ARGS: pip download's --platform list
+    local minor
+    # every manylinux tag up to the images' glibc (2.36: Debian bookworm; pip does not expand the list)
+    GLIBC_MINOR=${DINO_WHEEL_GLIBC_MINOR:-36}
+    PLATFORM_ARGS=()
+    for minor in $(seq "$GLIBC_MINOR" -1 5); do PLATFORM_ARGS+=(--platform "manylinux_2_${minor}_x86_64"); done
+    PLATFORM_ARGS+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
+}
+
+requirements() {   # requirements EXTRA...: the project's requirements (and its build backend)
+    "$PYTHON" - "$REPO/pyproject.toml" "$@" <<'EOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)
+reqs = list(project["project"]["dependencies"])
+for extra in sys.argv[2:]:
+    reqs += project["project"]["optional-dependencies"][extra]
+reqs += project["build-system"]["requires"]
+print("\n".join(reqs))
+EOF
+}
+
+wheels() {   # wheels NAME REQUIREMENT...: cached download, linked to docker/wheels/NAME (after platform_args)
+    local name=$1; shift
+    local key cached target
+    key=$(printf '%s\n' "$@" "$PY_VERSION" "${PLATFORM_ARGS[@]}" | sha256sum | cut -c1-12)
+    cached=$CACHE/wheels/$name-$key
+    target=$REPO/docker/wheels/$name
+    if [ -f "$cached/.complete" ]; then
+        log "$name: cached in $cached"
+    else
+        log "$name: pip download $* (log: $LOG_DIR/pip-$name.log)"
+        rm -rf "$cached"; mkdir -p "$cached"
+        "$PYTHON" -m pip download --disable-pip-version-check --dest "$cached" --only-binary=:all: \
+            --python-version "$PY_VERSION" --implementation cp --abi "cp${PY_VERSION/./}" --abi abi3 --abi none \
+            "${PLATFORM_ARGS[@]}" "$@" >"$LOG_DIR/pip-$name.log" 2>&1 ||
+            { grep -v 'is ignored' "$LOG_DIR/pip-$name.log" | tail -n 20 >&2; die "pip download ($name) failed"; }
+        touch "$cached/.complete"
+        # older downloads of the same folder (other requirements) are not needed any more
+        find "$CACHE/wheels" -mindepth 1 -maxdepth 1 -name "$name-*" ! -name "$name-$key" -exec rm -rf {} +
+    fi
+    rm -rf "$target"; mkdir -p "$(dirname "$target")"
+    IN_REPO+=("$target")
+    cp -al "$cached" "$target" 2>/dev/null || cp -a "$cached" "$target"
+    rm -f "$target/.complete"
+    # shellcheck disable=SC2012   # a folder of wheel files: the count is all we want
+    log "$name: docker/wheels/$name: $(ls "$target" | wc -l) wheels, $(du -sh "$target" | cut -f1)"
+}
+
+# phase "wheels (pip download)": docker/wheels/serve (and serve-gpu, train with --with-gpu-image,
+# --with-train); sets TORCH_PINS (from the Makefile) for the training image
+download_wheels() {
+    local serve_reqs train_reqs
+    platform_args
+    mapfile -t serve_reqs < <(requirements serve)
+    wheels serve "${serve_reqs[@]}"
+    if [ "$WITH_GPU" -eq 1 ]; then wheels serve-gpu "${serve_reqs[@]}" "onnxruntime-gpu[cuda,cudnn]"; fi
+    TORCH_PINS=$(sed -n 's/^TORCH_PINS *:= *//p' "$REPO/Makefile")
+    if [ "$WITH_TRAIN" -eq 1 ]; then
+        mapfile -t train_reqs < <(requirements train)
+        # shellcheck disable=SC2086   # TORCH_PINS: several requirements, split on purpose
+        wheels train "${train_reqs[@]}" $TORCH_PINS
+    fi
+}

@@ -1,0 +1,263 @@
+# shellcheck shell=bash disable=SC2154
+# Part of docker/smoke_test.sh (sourced by it, not run on its own): the checks.
+#
+# The model to bake in, the service image (built with --network none from the local python image
+# and the wheel folder) and its checks, compose.yaml and compose.gpu.yaml, docker compose up, the
+# requests (/readyz, /embed, the gallery across a restart, /neighbors, /healthz), the optional GPU
+# service and training images, and docker compose down -v at the end.
+#
+# Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR DATA_ROOT PYTHON DOCKER
+# PY_TAG SERVICE_TAG SERVICE_GPU_TAG TRAIN_TAG PROJECT COMPOSE MODEL PORT TEMP_MODEL WORK IN_REPO
+# COMPOSE_UP, TORCH_PINS (smoke_base_and_wheels.sh); log, die, elapsed, compose.
+
+# preflight: which model folder gets baked in (MODELS_ARG: models/, or docker/smoke-models/ with --temp-model)
+choose_models() {
+    MODELS_ARG=models
+    if ls "$REPO"/models/*/model.json >/dev/null 2>&1; then
+        # shellcheck disable=SC2012,SC2035   # folder names, for the log
+        log "models/ holds: $(cd "$REPO/models" && ls -d */ | tr -d / | tr '\n' ' ')"
+    elif [ "$TEMP_MODEL" -eq 1 ]; then
+        MODELS_ARG=docker/smoke-models
+        log "models/ holds no model folder: --temp-model, a tiny temporary model goes into $MODELS_ARG/"
+    else
+        die "models/ holds no model folder (models/NAME/model.json): add the default model (dino export / dino import), or rerun with --temp-model"
+    fi
+}
+
+# phase "model": the temporary model (--temp-model) and the served model's name and dimension
+prepare_model() {
+    local tmp_model torch_py
+    if [ "$MODELS_ARG" = docker/smoke-models ]; then
+        tmp_model=$CACHE/tmp-model/tmp
+        if [ ! -f "$tmp_model/model.json" ]; then
+            torch_py=${DINO_SMOKE_TORCH_PYTHON:-$REPO/.venv/bin/python}
+            [ -x "$torch_py" ] || die "--temp-model needs a python with the train extra ($torch_py; set DINO_SMOKE_TORCH_PYTHON)"
+            log "exporting a tiny random vit_tiny (64 px) with $torch_py"
+            rm -rf "$tmp_model.part"; mkdir -p "$(dirname "$tmp_model")"
+            (cd "$REPO" && nice -n 10 "$torch_py" -c '
+import sys
+from training.backbone import build_backbone
+from training.export import export_backbone
+export_backbone(build_backbone("vit_tiny", 16, 64), sys.argv[1], name="tmp", arch="vit_tiny", patch_size=16, image_size=64)
+' "$tmp_model.part") >"$LOG_DIR/temp-model.log" 2>&1 || { tail -n 20 "$LOG_DIR/temp-model.log" >&2; die "exporting the temporary model failed"; }
+            mv "$tmp_model.part" "$tmp_model"
+        fi
+        rm -rf "$REPO/docker/smoke-models"; mkdir -p "$REPO/docker/smoke-models"
+        IN_REPO+=("$REPO/docker/smoke-models")
+        cp -a "$tmp_model" "$REPO/docker/smoke-models/tmp"
+    fi
+    # shellcheck disable=SC2012   # model folders: plain names
+    if [ -n "$MODEL" ]; then SERVED=$REPO/$MODELS_ARG/$MODEL; else SERVED=$(ls -d "$REPO/$MODELS_ARG"/*/model.json | sort | head -n 1 | xargs dirname); fi
+    [ -f "$SERVED/model.json" ] || die "no model.json in $SERVED"
+    read -r MODEL_NAME EMBED_DIM < <("$PYTHON" -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["name"], m["embed_dim"])' "$SERVED/model.json")
+    log "build context folder $MODELS_ARG/; served model: ${SERVED#"$REPO"/} (name $MODEL_NAME, embedding dim $EMBED_DIM)"
+}
+
+# phase "build service image": --network none, from the python image and docker/wheels/serve
+build_service_image() {
+    build_args=(--build-arg "BASE_IMAGE=$PY_TAG" --build-arg "MODELS=$MODELS_ARG")
+    if [ -n "$MODEL" ]; then build_args+=(--build-arg "MODEL=$MODEL"); fi
+    log "docker build --network none -f docker/service.Dockerfile ${build_args[*]} -t $SERVICE_TAG (log: $LOG_DIR/build-service.log)"
+    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" -t "$SERVICE_TAG" "$REPO" \
+        >"$LOG_DIR/build-service.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service.log" >&2; die "building the service image failed"; }
+    grep -E '^(default model|model folder):' "$LOG_DIR/build-service.log" | sed 's/^/    build: /' || true
+}
+
+# phase "check service image": non-root, HEALTHCHECK on /readyz, no torch, no compiler, /data/index writable
+check_service_image() {
+    local img_user
+    img_user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$SERVICE_TAG")
+    [ "$img_user" = "10001:10001" ] || die "the image runs as '$img_user', not 10001:10001"
+    log "user: $img_user"
+    "$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$SERVICE_TAG" | grep -q readyz || die "no HEALTHCHECK on /readyz"
+    log "healthcheck: $("$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$SERVICE_TAG" | cut -c1-110)..."
+    log "exposed: $("$DOCKER" image inspect -f '{{json .Config.ExposedPorts}}' "$SERVICE_TAG"), volumes: $("$DOCKER" image inspect -f '{{json .Config.Volumes}}' "$SERVICE_TAG")"
+    # shellcheck disable=SC2016   # expanded in the container
+    "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_TAG" -c '
+        set -e
+        python -c "import importlib.util as u, sys; bad = [m for m in (\"torch\", \"torchvision\", \"timm\") if u.find_spec(m)]; sys.exit(\"found \" + \" \".join(bad) if bad else 0)"
+        for tool in gcc cc g++ make; do if command -v $tool >/dev/null; then echo "compiler $tool in the image" >&2; exit 1; fi; done
+        test -w /data/index
+        echo "    in the container: uid $(id -u), no torch/timm, no compiler, /data/index writable, onnxruntime $(python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())")"
+    ' || die "service image checks failed"
+    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
+# phase "validate compose files": compose.yaml (with its train profile) and compose.gpu.yaml on top
+validate_compose_files() {
+    local gpu_config want
+    compose config -q
+    log "compose.yaml: valid; services: $(compose config --services | tr '\n' ' ')"
+    compose --profile train config --services | grep -qx train || die "compose.yaml has no train service in the train profile"
+    gpu_config=$("${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$REPO" -f "$REPO/compose.yaml" -f "$REPO/compose.gpu.yaml" --profile train config)
+    for want in "driver: nvidia" "capabilities:" "DINO_PROVIDER: cuda" "CUDA_LIBS:"; do
+        grep -q "$want" <<<"$gpu_config" || die "compose.yaml + compose.gpu.yaml: '$want' missing"
+    done
+    log "compose.yaml + compose.gpu.yaml: valid; NVIDIA device reservations: $(grep -c 'driver: nvidia' <<<"$gpu_config")"
+}
+
+wait_ready() {   # wait_ready SECONDS
+    local t0
+    t0=$(date +%s.%N)
+    for _ in $(seq 1 "$1"); do
+        if curl -fsS --max-time 2 "$URL/readyz" -o "$WORK/readyz.json" 2>/dev/null; then
+            log "/readyz after $(elapsed "$t0") s: $(cat "$WORK/readyz.json")"
+            return 0
+        fi
+        [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$CID")" = true ] || die "the service container stopped"
+        sleep 1
+    done
+    die "/readyz did not answer 200 within $1 s"
+}
+
+# phase "docker compose up": on 127.0.0.1:PORT (8000 or a free one); waits for /readyz and the health
+compose_up() {
+    local t0 health
+    if [ -z "$PORT" ]; then
+        PORT=$("$PYTHON" -c '
+import socket
+for port in (8000, 0):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(s.getsockname()[1])
+        break')
+    fi
+    export DINO_PUBLISH=127.0.0.1:$PORT DINO_SERVICE_IMAGE=$SERVICE_TAG
+    unset DINO_API_KEY
+    URL=http://127.0.0.1:$PORT
+    COMPOSE_UP=1
+    compose up -d --no-build service 2>&1 | sed 's/^/    /'
+    CID=$(compose ps -q service)
+    [ -n "$CID" ] || die "no service container"
+    log "container ${CID:0:12}, published on $URL, volume $("$DOCKER" volume ls -q | grep dino-index | tr '\n' ' ')"
+    wait_ready 180
+    t0=$(date +%s.%N)
+    for _ in $(seq 1 60); do
+        health=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$CID")
+        [ "$health" = healthy ] && break
+        sleep 1
+    done
+    [ "$health" = healthy ] || die "the container's health is '$health', not healthy"
+    log "container health: healthy after another $(elapsed "$t0") s (HEALTHCHECK on /readyz)"
+}
+
+# phase "requests": /embed, the gallery (/index) across a restart of the service, /neighbors, /healthz
+check_requests() {
+    local photo image_id
+    photo=${DINO_SMOKE_PHOTO:-}
+    if [ -z "$photo" ]; then
+        # shellcheck disable=SC2012   # the first match of a glob, or none
+        photo=$(ls "$REPO"/.venv/lib/python3*/site-packages/matplotlib/mpl-data/sample_data/grace_hopper.jpg 2>/dev/null | head -n 1 || true)
+    fi
+    if [ -z "$photo" ]; then   # no photo at hand: draw one with the image's Pillow
+        photo=$WORK/photo.jpg
+        "$DOCKER" run --rm --network none --entrypoint python "$SERVICE_TAG" -c '
+import io, sys
+from PIL import Image, ImageDraw
+img = Image.new("RGB", (320, 240))
+px = img.load()
+for y in range(240):
+    for x in range(320):
+        px[x, y] = (x * 255 // 320, y * 255 // 240, 128)
+d = ImageDraw.Draw(img)
+d.ellipse((90, 50, 230, 190), fill=(240, 200, 40))
+d.rectangle((20, 150, 110, 230), fill=(30, 90, 200))
+buf = io.BytesIO(); img.save(buf, "JPEG", quality=90); sys.stdout.buffer.write(buf.getvalue())' > "$photo"
+    fi
+    log "photo: $photo ($(du -h "$photo" | cut -f1))"
+
+    curl -fsS --max-time 60 -F "images=@$photo" "$URL/embed" -o "$WORK/embed.json" || die "POST /embed failed"
+    "$PYTHON" - "$WORK/embed.json" "$MODEL_NAME" "$EMBED_DIM" <<'EOF' || die "the /embed answer is wrong"
+import json, math, sys
+answer = json.load(open(sys.argv[1]))
+name, dim = sys.argv[2], int(sys.argv[3])
+assert answer["model"] == name, f"model {answer['model']!r}, expected {name!r}"
+assert answer["dim"] == dim, f"dim {answer['dim']}, expected {dim}"
+assert len(answer["embeddings"]) == 1, f"{len(answer['embeddings'])} embeddings for 1 image"
+vector = answer["embeddings"][0]
+assert len(vector) == dim, f"embedding of length {len(vector)}"
+assert all(math.isfinite(v) for v in vector), "non-finite values"
+norm = math.sqrt(sum(v * v for v in vector))
+assert abs(norm - 1) < 1e-3, f"norm {norm} (expected L2-normalised)"
+assert max(abs(v) for v in vector) > 0, "all zeros"
+print(f"    POST /embed: model {answer['model']}, dim {answer['dim']}, norm {norm:.4f}, first values {[round(v, 4) for v in vector[:4]]}")
+EOF
+
+    curl -fsS --max-time 60 -F "images=@$photo" -F "labels=smoke-photo" "$URL/index" -o "$WORK/add.json" || die "POST /index failed"
+    image_id=$("$PYTHON" -c 'import json, sys; ids = json.load(open(sys.argv[1]))["ids"]; assert len(ids) == 1; print(ids[0])' "$WORK/add.json")
+    log "POST /index: gallery image id $image_id"
+    curl -fsS "$URL/index" -o "$WORK/index.json"
+    "$PYTHON" -c 'import json, sys; i = json.load(open(sys.argv[1])); assert i["size"] == 1 and i["persistent"], i; print("    GET /index:", i)' "$WORK/index.json" ||
+        die "GET /index: expected a persistent gallery of 1 image"
+
+    log "restarting the service: the gallery must survive on the volume"
+    compose restart --timeout 20 service 2>&1 | sed 's/^/    /'
+    wait_ready 180
+    curl -fsS "$URL/index" -o "$WORK/index2.json"
+    "$PYTHON" -c 'import json, sys; i = json.load(open(sys.argv[1])); assert i["size"] == 1, i; print("    GET /index after the restart: size", i["size"])' "$WORK/index2.json" ||
+        die "the gallery did not survive the restart"
+    curl -fsS --max-time 60 -F "image=@$photo" "$URL/neighbors?k=1" -o "$WORK/neighbors.json" || die "POST /neighbors failed"
+    "$PYTHON" - "$WORK/neighbors.json" "$image_id" <<'EOF' || die "the /neighbors answer is wrong"
+import json, sys
+found = json.load(open(sys.argv[1]))["neighbors"]
+assert found and found[0]["id"] == sys.argv[2], f"expected {sys.argv[2]} first, got {found}"
+assert found[0]["score"] > 0.99, f"similarity of the photo with itself: {found[0]['score']}"
+assert found[0]["label"] == "smoke-photo", found[0]
+print(f"    POST /neighbors: {found[0]['id']} ({found[0]['label']}), cosine similarity {found[0]['score']:.4f}")
+EOF
+    # a failing /healthz is reported by curl (stderr) but does not fail the run
+    if curl -fsS "$URL/healthz" >/dev/null; then log "GET /healthz: ok"; fi
+}
+
+# phase "build + check GPU service image" (--with-gpu-image): built and checked, not run
+check_gpu_image() {
+    log "docker build ... CUDA_LIBS=true WHEELS=docker/wheels/serve-gpu -t $SERVICE_GPU_TAG (log: $LOG_DIR/build-service-gpu.log)"
+    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
+        --build-arg CUDA_LIBS=true --build-arg WHEELS=docker/wheels/serve-gpu -t "$SERVICE_GPU_TAG" "$REPO" \
+        >"$LOG_DIR/build-service-gpu.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service-gpu.log" >&2; die "building the GPU service image failed"; }
+    # shellcheck disable=SC2016   # expanded in the container
+    "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_GPU_TAG" -c '
+        set -e
+        for lib in libcudart.so libcublas.so libcudnn.so libcufft.so libcurand.so; do
+            ldconfig -p | grep -q "$lib" || { echo "$lib is not known to the dynamic loader" >&2; exit 1; }
+        done
+        python -c "import onnxruntime as o; p = o.get_available_providers(); assert \"CUDAExecutionProvider\" in p, p; print(\"    GPU image: CUDA libraries registered; onnxruntime providers\", p)"
+    ' || die "GPU service image checks failed"
+    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_GPU_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
+# phase "build + check training image" (--with-train): built, then `docker compose run train --help`
+check_train_image() {
+    log "docker build --network none -f docker/train.Dockerfile -t $TRAIN_TAG (log: $LOG_DIR/build-train.log)"
+    "$DOCKER" build --network none -f "$REPO/docker/train.Dockerfile" --build-arg "BASE_IMAGE=$PY_TAG" \
+        --build-arg "TORCH_PINS=$TORCH_PINS" -t "$TRAIN_TAG" "$REPO" \
+        >"$LOG_DIR/build-train.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-train.log" >&2; die "building the training image failed"; }
+    grep -E '^torch ' "$LOG_DIR/build-train.log" | sed 's/^/    build: /' || true
+    mkdir -p "$WORK/images"
+    DINO_TRAIN_DATA=$WORK/images DINO_TRAIN_IMAGE=$TRAIN_TAG compose run --rm --no-deps train --help >"$WORK/train-help.txt" 2>&1 ||
+        { cat "$WORK/train-help.txt" >&2; die "docker compose run train --help failed"; }
+    grep -q -- '--data' "$WORK/train-help.txt" || die "docker compose run train --help: no --data option"
+    log "docker compose run train --help: ok ($(wc -l < "$WORK/train-help.txt") lines of usage)"
+    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$TRAIN_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
+# phase "images": what the daemon holds now (kept in the cache for the next run)
+list_images() {
+    "$DOCKER" images --filter dangling=false --format 'table {{.Repository}}:{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}' | sed 's/^/    /'
+    log "(+ $("$DOCKER" images -q --filter dangling=true | wc -l) untagged build-stage images, kept in $DATA_ROOT as build cache)"
+}
+
+# teardown: the service's logs when the run failed, then docker compose down -v (containers, network, volume)
+teardown_compose() {   # teardown_compose EXIT_STATUS
+    local rc=$1
+    if [ "$COMPOSE_UP" -eq 1 ]; then
+        if [ "$rc" -ne 0 ]; then
+            log "service logs (last 60 lines):"
+            compose logs --no-color --tail 60 service 2>&1 | sed 's/^/      /'
+        fi
+        compose down -v --remove-orphans --timeout 20 2>&1 | sed 's/^/    /'
+    fi
+}
