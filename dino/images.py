@@ -64,6 +64,18 @@ ACCEPTED_FORMATS = tuple(
     f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN
 )
 WHITE = (255, 255, 255, 255)
+#: JPEG start-of-scan marker: counted to bound the decode cost of progressive JPEGs
+JPEG_SOS_MARKER = b"\xff\xda"
+#: most scans a JPEG may have. libjpeg's progressive script uses 10 for colour images and optimising
+#: encoders stay near that, but each scan is a pass over the whole image: a few hundred kilobytes that
+#: repeat one scan thousands of times cost seconds of CPU to decode
+DEFAULT_MAX_JPEG_SCANS = 64
+#: TIFF tags of the tile size; a tile is decoded into one buffer of its full size
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323
+#: a tile may always be this large (pixels), even when the image is smaller (tiles are padded)
+TILE_PIXELS_ALLOWANCE = 1 << 20
+#: rows converted at a time from 16-bit, 32-bit and float greys: bounds the float working copy
+GREY_BAND_PIXELS = 1 << 20
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 UINT16_MAX = 65535.0
 
@@ -88,8 +100,12 @@ class InvalidImage(ImageInputError):
     """An image format we know, but the data is empty, truncated or corrupt."""
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     """Decode untrusted bytes into an 8-bit RGB image (EXIF orientation applied, first frame).
+
+    What the header says is checked before any pixel is decoded: the pixel count, the number of JPEG
+    scans (:data:`DEFAULT_MAX_JPEG_SCANS`) and the TIFF tile size, so that the cost in CPU and memory
+    is bounded by ``max_pixels`` whatever a small file claims.
 
     Raises :class:`ImageInputError` subclasses with a message fit for the client.
     """
@@ -111,6 +127,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLarge(
             f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_pixels} pixels"
         )
+    check_decode_cost(img, data, max_jpeg_scans)
     # Animated GIF/WebP/APNG and multi-page TIFF: Image.open is positioned on the first frame already;
     # seek(0) makes that explicit (and is a no-op for single-frame images).
     try:
@@ -132,6 +149,34 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise InvalidImage(f"cannot convert the {img.mode} image to RGB: {exc}") from exc
 
 
+def check_decode_cost(img: Image.Image, data: bytes, max_jpeg_scans: int) -> None:
+    """Refuse, from the header alone, images whose decoding would cost far more than their pixel count.
+
+    - Progressive JPEG: every scan is a pass over the whole image. The ``FFDA`` (start of scan)
+      marker cannot occur inside entropy-coded data (a data byte ``FF`` is always followed by ``00``),
+      so counting it counts the scans, or a few more when an embedded thumbnail has its own.
+    - TIFF: a tile is decoded into one buffer of the tile's size, which the header can make far
+      larger than the image (a 16x16 image with one 32768x32768 tile takes 1 GB).
+    """
+    if img.format in ("JPEG", "MPO"):
+        scans = data.count(JPEG_SOS_MARKER)
+        if scans > max_jpeg_scans:
+            raise ImageTooLarge(
+                f"JPEG too costly to decode: {scans} scans, the limit is {max_jpeg_scans} "
+                "(a progressive JPEG has about 10)"
+            )
+    elif img.format == "TIFF":
+        tags = getattr(img, "tag_v2", {})
+        tile_width, tile_length = tags.get(TIFF_TILE_WIDTH), tags.get(TIFF_TILE_LENGTH)
+        if tile_width and tile_length:
+            budget = max(img.size[0] * img.size[1], TILE_PIXELS_ALLOWANCE)
+            if int(tile_width) * int(tile_length) > budget:
+                raise ImageTooLarge(
+                    f"TIFF tiles of {tile_width}x{tile_length} pixels for a {img.size[0]}x{img.size[1]} image: "
+                    f"tiles may hold at most {budget} pixels"
+                )
+
+
 def apply_exif_orientation(img: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF Orientation tag says (a photo taken in portrait is stored sideways).
 
@@ -145,26 +190,53 @@ def apply_exif_orientation(img: Image.Image) -> Image.Image:
     return img if transposed is None else transposed
 
 
-def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a single-channel 16-bit, 32-bit integer or float image to 0..255 (see the module table)."""
-    v = values.astype(np.float64)
-    finite = np.isfinite(v)
-    v = np.where(finite, v, 0.0)  # NaN and +-inf carry no intensity: black
+def _grey_bands(img: Image.Image):
+    """The image's pixels as NumPy row bands of about :data:`GREY_BAND_PIXELS` (copies of one band at a time)."""
+    width, height = img.size
+    rows = max(1, GREY_BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, np.asarray(img.crop((0, top, width, min(height, top + rows))))
+
+
+def _grey_range(img: Image.Image) -> tuple[float, float]:
+    """Smallest and largest value of a 32-bit integer or float image, NaN and +-inf counted as 0."""
+    lo, hi = np.inf, -np.inf
+    for _, band in _grey_bands(img):
+        if band.dtype.kind == "f":
+            band = np.where(np.isfinite(band), band, 0.0)
+        if band.size:
+            lo, hi = min(lo, float(band.min())), max(hi, float(band.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def _grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale a single-channel 16-bit, 32-bit integer or float image to 0..255 (see the module table).
+
+    Band by band: the float working copy is one band, not the whole image (a 6000x6000 16-bit PNG of
+    70 KB would otherwise take over a gigabyte of float64 temporaries).
+    """
+    mode = img.mode
+    offset, scale = 0.0, 1.0  # uint8 = rint((v - offset) * scale), clipped
     if mode in SIXTEEN_BIT_MODES:
-        scaled = v * (255.0 / UINT16_MAX)
+        scale = 255.0 / UINT16_MAX
     else:
-        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        lo, hi = _grey_range(img)
         if mode == "F" and lo >= 0.0 and hi <= 1.0:
-            scaled = v * 255.0
+            scale = 255.0
         elif lo >= 0.0 and hi <= 255.0:
-            scaled = v
+            pass
         elif mode == "I" and lo >= 0.0 and hi <= UINT16_MAX:
-            scaled = v * (255.0 / UINT16_MAX)
+            scale = 255.0 / UINT16_MAX
         elif hi > lo:
-            scaled = (v - lo) * (255.0 / (hi - lo))
+            offset, scale = lo, 255.0 / (hi - lo)
         else:
-            scaled = np.zeros_like(v)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+            scale = 0.0
+    out = np.empty((img.size[1], img.size[0]), dtype=np.uint8)
+    for top, band in _grey_bands(img):
+        v = band.astype(np.float64)
+        v[~np.isfinite(v)] = 0.0  # NaN and +-inf carry no intensity: the value 0
+        out[top : top + band.shape[0]] = np.clip(np.rint((v - offset) * scale), 0, 255).astype(np.uint8)
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -173,8 +245,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        grey = _grey_to_uint8(np.asarray(img), mode)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(_grey_to_uint8(img), mode="L").convert("RGB")
     if img.has_transparency_data:
         # Transparent pixels have no defined colour: composite them over white, like a browser page
         rgba = img.convert("RGBA")

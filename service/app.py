@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from dino.images import ImageInputError, ImageTooLarge, UnsupportedImage
 from service.batching import BatcherStoppedError, QueueFullError
@@ -26,7 +27,7 @@ from service.index import GalleryReadOnlyError, UnknownImageError
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routes import api_router, health_router, ui_router
 from service.settings import ServiceSettings
-from service.state import load_state
+from service.state import RequestTooLarge, load_state
 from service.uploads import BodySizeLimitMiddleware
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`.
 """
 
 
+#: status recorded for a request whose client left before it was read (nginx's convention)
+CLIENT_CLOSED_REQUEST = 499
 #: the HTTP answer to each kind of unusable image (:mod:`dino.images`); anything else is a 422
 IMAGE_ERROR_STATUS: dict[type[ImageInputError], int] = {ImageTooLarge: 413, UnsupportedImage: 415}
 
@@ -70,6 +73,10 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def read_only(request: Request, exc: GalleryReadOnlyError) -> JSONResponse:
         return _error(409, str(exc))
 
+    @app.exception_handler(RequestTooLarge)
+    async def request_too_large(request: Request, exc: RequestTooLarge) -> JSONResponse:
+        return _error(413, str(exc))
+
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "1"})
@@ -78,10 +85,18 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def stopped(request: Request, exc: BatcherStoppedError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": "1"})
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # nobody is left to answer: not a server error, and not worth a traceback in the log
+        log.info("client disconnected before its request was read: %s %s", request.method, request.url.path)
+        return _error(CLIENT_CLOSED_REQUEST, "client closed the connection before the request was read")
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _error(500, "internal server error")
+        # the server closes the connection after an unhandled error: say so, or the client's next
+        # request on this keep-alive connection fails too
+        return _error(500, "internal server error", {"Connection": "close"})
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -128,7 +143,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     install_exception_handlers(app)
 
     # add_middleware wraps what is there: the last added is the outermost
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout=settings.body_timeout)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -171,22 +171,32 @@ def _decode_vector(text: str, dim: int) -> np.ndarray:
 
 
 class _FolderLock:
-    """Exclusive advisory lock of an index folder (flock; released by the OS if the process dies)."""
+    """Advisory lock of an index folder (flock; released by the OS if the process dies).
+
+    The one writer holds it exclusively; read-only servers (``--workers N``) share it. So a reader
+    never attaches to a folder that a live writer is changing (it would serve a snapshot that never
+    refreshes), and a writer never starts under live readers.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, shared: bool = False) -> None:
         try:
             import fcntl
         except ImportError:  # not POSIX: no inter-process protection
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
+            if shared:
+                raise GalleryError(
+                    f"index folder {self.path.parent} is being written by another process (lock {self.path}); "
+                    "a read-only server would serve a snapshot that never refreshes: stop the writer first"
+                ) from exc
             raise GalleryError(
                 f"index folder {self.path.parent} is in use by another process (lock {self.path}); "
                 "one server (with one worker) writes a gallery at a time"
@@ -291,6 +301,14 @@ class EmbeddingIndex:
     def __contains__(self, image_id: object) -> bool:
         return isinstance(image_id, str) and image_id in self._row
 
+    def items(self, offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """(gallery size, the entries ``offset`` to ``offset + limit`` in insertion order): id, label, metadata."""
+        with self._lock:
+            rows = [row for row, alive in enumerate(self._alive) if alive]
+            page = rows[offset : offset + limit]
+            entries = [{"id": self._ids[r], "label": self._labels[r], "metadata": self._metadata[r]} for r in page]
+            return len(rows), entries
+
     def ids(self) -> list[str]:
         """The ids in the gallery, in insertion order."""
         with self._lock:
@@ -381,7 +399,7 @@ class EmbeddingIndex:
 
         Returns the new ids once the add is durable (journal fsynced).
         """
-        self._check_writable()
+        self.check_writable()
         embeddings = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must be [n, {self.dim}], got {list(embeddings.shape)}")
@@ -402,7 +420,7 @@ class EmbeddingIndex:
                 write_file_durably(self._image_path(image_id), data, sync_dir=False)
             fsync_dir(images_dir)
         with self._lock:
-            self._check_writable()
+            self.check_writable()
             if self.path is not None:
                 lines = b"".join(
                     _encode_journal_line(
@@ -419,7 +437,7 @@ class EmbeddingIndex:
 
     def delete(self, image_id: str) -> None:
         """Remove an image (durable when this returns); raises :class:`UnknownImageError`."""
-        self._check_writable()
+        self.check_writable()
         with self._lock:
             self._row_of(image_id)
             if self.path is not None:
@@ -430,7 +448,8 @@ class EmbeddingIndex:
         if self.path is not None:
             self._image_path(image_id).unlink(missing_ok=True)  # a leftover is removed at the next load
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Raise :class:`GalleryReadOnlyError` when this server may not change the gallery."""
         if self.read_only:
             raise GalleryReadOnlyError("the gallery is read-only in this server")
 
@@ -485,14 +504,14 @@ class EmbeddingIndex:
         manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.is_file():
             if self.read_only:
-                log.warning("no gallery index in %s: serving an empty read-only gallery", self.path)
-                self.path = None
-                return
+                raise GalleryError(
+                    f"no gallery index in {self.path}: a read-only server (--workers > 1) cannot create one; "
+                    "build it with 'dino index build', or start one worker to create it"
+                )
             self._create_folder()
             return
-        if not self.read_only:
-            self._folder_lock = _FolderLock(self.path / LOCK_FILE)
-            self._folder_lock.acquire()
+        self._folder_lock = _FolderLock(self.path / LOCK_FILE)
+        self._folder_lock.acquire(shared=self.read_only)
         try:
             self._load(manifest_path)
         except BaseException:

@@ -94,7 +94,7 @@ def build_index(
         # one snapshot at the end rather than many while building
         compact_every=max(settings.index_compact_every, len(files) + 1),
     )
-    preprocessor = Preprocessor.for_model(model.spec, settings.max_image_pixels)
+    preprocessor = Preprocessor.for_model(model.spec, settings.max_image_pixels, settings.max_jpeg_scans)
 
     def prepare(path: Path):
         try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dino.images import decode_image, to_rgb
+from dino.images import DEFAULT_MAX_JPEG_SCANS, decode_image, to_rgb
 
 #: resized images up to this many crops in area are resized whole (exactly torchvision's computation);
 #: larger ones (extreme aspect ratios, e.g. 4000x4 -> 73000x73) only have their crop window resampled
@@ -109,18 +109,20 @@ class PreparedImage:
 class Preprocessor:
     """bytes -> :class:`PreparedImage` for one model: safe decoding + the evaluation transform."""
 
-    def __init__(self, transform: EvalTransform, max_pixels: int):
+    def __init__(self, transform: EvalTransform, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS):
         self.transform = transform
         self.max_pixels = max_pixels
+        self.max_jpeg_scans = max_jpeg_scans
 
     @classmethod
-    def for_model(cls, spec, max_pixels: int) -> Preprocessor:
+    def for_model(cls, spec, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Preprocessor:
         """Build from a :class:`service.runtime.ModelSpec` (image_size, resize_size, mean, std)."""
-        return cls(EvalTransform(spec.image_size, spec.resize_size, tuple(spec.mean), tuple(spec.std)), max_pixels)
+        transform = EvalTransform(spec.image_size, spec.resize_size, tuple(spec.mean), tuple(spec.std))
+        return cls(transform, max_pixels, max_jpeg_scans)
 
     def prepare(self, data: bytes) -> PreparedImage:
         """Decode and transform one image (runs in a worker thread)."""
-        crop = self.transform.crop(decode_image(data, self.max_pixels))
+        crop = self.transform.crop(decode_image(data, self.max_pixels, self.max_jpeg_scans))
         return PreparedImage(crop=crop, tensor=self.transform.normalize(crop))
 
     def prepare_crop(self, crop: Image.Image) -> PreparedImage:

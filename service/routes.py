@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from service.schemas import (
     ERROR_RESPONSES,
     AttentionResponse,
     EmbedResponse,
+    GalleryItemsResponse,
     HealthResponse,
     IndexAddResponse,
     IndexDeleteResponse,
@@ -101,10 +103,12 @@ health_router = APIRouter(tags=["health"])
 
 
 @health_router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+@health_router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict:
     return {"status": "alive"}
 
 
+@health_router.head("/readyz", include_in_schema=False)
 @health_router.get(
     "/readyz",
     response_model=ReadyResponse,
@@ -248,9 +252,33 @@ async def attention_of_stored(
     return await _attention_answer(state, prepared, head, format, threshold)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with what JSON cannot carry replaced: non-finite numbers by null, text that is not
+    valid Unicode (lone surrogates) by U+FFFD. New gallery entries are refused at the door when they
+    hold either; this keeps answers about entries stored before that check from failing. Iterative."""
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        parent, key = stack.pop()
+        item = parent[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            parent[key] = None
+        elif isinstance(item, str):
+            # UTF-16 with surrogatepass round-trips valid text and turns a lone surrogate into U+FFFD
+            parent[key] = item.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        elif isinstance(item, list):
+            item = parent[key] = list(item)
+            stack.extend((item, i) for i in range(len(item)))
+        elif isinstance(item, dict):
+            item = parent[key] = {json_safe(k): v for k, v in item.items()}
+            stack.extend((item, k) for k in item)
+    return root[0]
+
+
 def _neighbors_body(state: ServiceState, query: np.ndarray, k: int, exclude: str | None) -> dict:
     found = state.index.search(query, k, exclude=exclude)
-    return {"neighbors": [{"id": n.id, "score": n.score, "label": n.label, "metadata": n.metadata} for n in found]}
+    neighbors = [{"id": n.id, "score": n.score, "label": n.label, "metadata": n.metadata} for n in found]
+    return {"neighbors": json_safe(neighbors)}
 
 
 KQuery = Annotated[int, Query(ge=1, description="number of neighbours")]
@@ -299,6 +327,7 @@ async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -
     },
 )
 async def index_add(request: Request, state: State) -> dict:
+    state.index.check_writable()  # before any upload is read or image decoded
     upload = await read_upload(request, max_images=state.settings.max_images_per_request)
     count = len(upload.images)
     labels = parse_labels(upload, count, state.settings.max_label_chars)
@@ -316,6 +345,23 @@ async def index_add(request: Request, state: State) -> dict:
 )
 async def index_info(state: State) -> dict:
     return state.index.info()
+
+
+@api_router.get(
+    "/index/items",
+    tags=["gallery"],
+    response_model=GalleryItemsResponse,
+    summary="The gallery's entries (id, label, metadata), a page at a time, in the order they were added",
+)
+async def index_items(
+    state: State,
+    offset: Annotated[int, Query(ge=0, description="entries to skip")] = 0,
+    limit: Annotated[int, Query(ge=1, description="most entries to return (at most DINO_MAX_PAGE_SIZE)")] = 100,
+) -> Response:
+    if limit > state.settings.max_page_size:
+        raise HTTPException(status_code=422, detail=f"limit must be at most {state.settings.max_page_size}")
+    total, items = await state.run_blocking(state.index.items, offset, limit)
+    return JSONResponse({"total": total, "offset": offset, "items": json_safe(items)})
 
 
 @api_router.delete(

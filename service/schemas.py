@@ -53,6 +53,18 @@ class IndexDeleteResponse(BaseModel):
     deleted: bool
 
 
+class GalleryItem(BaseModel):
+    id: str
+    label: str | None
+    metadata: dict[str, Any] | None
+
+
+class GalleryItemsResponse(BaseModel):
+    total: int = Field(description="images in the gallery")
+    offset: int
+    items: list[GalleryItem] = Field(description="in the order they were added")
+
+
 class IndexInfo(BaseModel):
     size: int
     dim: int

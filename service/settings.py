@@ -22,6 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
 
 
+#: the characters allowed in an API key: printable ASCII, space excluded (a bearer token)
+PRINTABLE_ASCII_FIRST, PRINTABLE_ASCII_LAST = "!", "~"
+
+
 class ModelNotFoundError(Exception):
     """No model folder was given and none is shipped, or the given folder is not a model folder."""
 
@@ -62,6 +66,16 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, every route but /healthz and /readyz needs 'Authorization: Bearer <key>'"
     )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's head (closed after that)"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request body may stall between two chunks (408 after that)"
+    )
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle kept-alive connection stays open")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request head (request line and headers; 400 above)"
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed by CORS; empty (the default) disables CORS"
     )
@@ -81,6 +95,12 @@ class ServiceSettings(BaseSettings):
         2048, ge=1, description="images waiting for inference before requests are refused with 503"
     )
     preprocess_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images off the event loop")
+    decode_threads_per_request: int | None = Field(
+        None, ge=1, description="images of one request decoded at once (default: half the preprocess threads)"
+    )
+    max_jpeg_scans: int = Field(
+        64, ge=1, description="most scans of a (progressive) JPEG: each scan is a pass over the image (413 above)"
+    )
     warmup_batches: int = Field(2, ge=0, description="inference calls made before /readyz answers 200")
 
     # --- request limits ------------------------------------------------------------------------
@@ -92,6 +112,7 @@ class ServiceSettings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413 above)")
     max_neighbors: int = Field(1000, ge=1, description="largest k of /neighbors")
+    max_page_size: int = Field(1000, ge=1, description="most entries per page of GET /index/items")
     max_label_chars: int = Field(256, ge=1, description="longest gallery label")
     max_metadata_bytes: int = Field(16 * 1024, ge=2, description="largest JSON metadata of one gallery image")
 
@@ -122,6 +143,24 @@ class ServiceSettings(BaseSettings):
         not "require an empty bearer token", which would lock every client out."""
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_a_client_can_send(cls, value: SecretStr | None) -> SecretStr | None:
+        """A key that no client could ever send would lock every client out: refuse it at startup.
+        HTTP header values are Latin-1 bytes and their surrounding whitespace is stripped, so a key must
+        be printable ASCII without spaces (what a bearer token is, RFC 6750)."""
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        bad = sorted({c for c in key if not PRINTABLE_ASCII_FIRST <= c <= PRINTABLE_ASCII_LAST})
+        if bad:
+            names = ", ".join("space" if c == " " else repr(c) for c in bad)
+            raise ValueError(
+                f"the API key holds characters no client can send in an Authorization header ({names}); "
+                "use printable ASCII without spaces, e.g. the output of 'openssl rand -hex 32'"
+            )
         return value
 
     @field_validator("cors_origins", mode="before")

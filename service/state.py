@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dino.images import ImageInputError
-from service.batching import DynamicBatcher
+from service.batching import DynamicBatcher, QueueFullError
 from service.index import EmbeddingIndex
 from service.metrics import ServiceMetrics
 from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
@@ -29,6 +29,12 @@ from service.runtime import OnnxModel
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+
+class RequestTooLarge(Exception):
+    """A request that can never be served as sent (more images than the whole queue): HTTP 413."""
+
+
 #: guards the L2 normalisation of an all-zero embedding
 NORM_EPSILON = 1e-12
 
@@ -53,13 +59,44 @@ class ServiceState:
     pool: ThreadPoolExecutor
     ready: bool = False
     started_at: float = field(default_factory=time.time)
+    #: images of all requests admitted to decoding and not finished yet
+    decoding: int = 0
+
+    def __post_init__(self) -> None:
+        # one slot per pool thread, handed out first come, first served across requests
+        self.decode_slots = asyncio.Semaphore(self.settings.preprocess_threads)
+
+    @property
+    def decode_concurrency(self) -> int:
+        """Images of one request decoded at the same time: half the pool, so others always get a turn."""
+        return self.settings.decode_threads_per_request or max(1, self.settings.preprocess_threads // 2)
 
     async def run_blocking(self, fn, *args):
         """Run ``fn(*args)`` in the service's worker pool (decoding, encoding, gallery disk work)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def prepare(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> list[PreparedImage]:
-        """Decode + transform images concurrently in the pool; a bad image fails the request with its position."""
+        """Decode + transform the images of one request in the pool; a bad image fails the request with its position.
+
+        Admission and fairness: the images wait in one bounded queue (``max_queue_size`` images across
+        all requests, 503 beyond it; a request larger than the whole queue is a 413), and one request
+        decodes at most ``decode_concurrency`` images at a time, each holding one of the pool's slots
+        (first come, first served). So a request of many costly images takes turns with the others
+        instead of filling the pool until it is done.
+        """
+        count = len(images)
+        limit = self.settings.max_queue_size
+        if count > limit:
+            raise RequestTooLarge(
+                f"too many images: {count} in one request, the queue holds at most {limit} (DINO_MAX_QUEUE_SIZE)"
+            )
+        if self.decoding + count > limit:
+            self.metrics.images.labels("refused").inc(count)
+            raise QueueFullError(f"busy: {self.decoding} images are waiting to be decoded; retry later")
+        self.decoding += count
+        results: list[PreparedImage | BaseException | None] = [None] * count
+        order = iter(range(count))  # shared by the request's decoders: each image is taken once
+        failed = False
 
         def one(data: bytes) -> PreparedImage:
             started = time.perf_counter()
@@ -68,17 +105,31 @@ class ServiceState:
             finally:
                 self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
 
-        results = await asyncio.gather(*(self.run_blocking(one, data) for data in images), return_exceptions=True)
+        async def decoder() -> None:
+            nonlocal failed
+            for i in order:
+                if failed:  # the request fails anyway: do not spend CPU on its other images
+                    return
+                async with self.decode_slots:
+                    try:
+                        results[i] = await self.run_blocking(one, images[i])
+                    except Exception as exc:
+                        results[i], failed = exc, True
+
+        try:
+            await asyncio.gather(*(decoder() for _ in range(min(count, self.decode_concurrency))))
+        finally:
+            self.decoding -= count
         for i, result in enumerate(results):
             if isinstance(result, ImageInputError):
                 self.metrics.images.labels("rejected").inc()
-                if len(results) > 1 or (names and names[i]):
+                if count > 1 or (names and names[i]):
                     where = f"image {i}" + (f" ({names[i]})" if names and names[i] else "")
                     raise type(result)(f"{where}: {result.detail}") from result
                 raise result
             if isinstance(result, BaseException):
                 raise result
-        self.metrics.images.labels("accepted").inc(len(results))
+        self.metrics.images.labels("accepted").inc(count)
         return [result for result in results if isinstance(result, PreparedImage)]  # all of them, by now
 
     async def infer(self, prepared: Iterable[PreparedImage], outputs: Iterable[str]) -> list[dict[str, np.ndarray]]:
@@ -146,7 +197,7 @@ def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Pa
     return ServiceState(
         settings=settings,
         model=model,
-        preprocessor=Preprocessor.for_model(model.spec, settings.max_image_pixels),
+        preprocessor=Preprocessor.for_model(model.spec, settings.max_image_pixels, settings.max_jpeg_scans),
         batcher=batcher,
         index=index,
         metrics=metrics,

@@ -14,9 +14,11 @@ the limit (chunked upload, lying header) is cut off as soon as it does, without 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +42,26 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=f"request body too large: the limit is {limit} bytes")
 
 
-class BodySizeLimitMiddleware:
-    """Pure ASGI middleware enforcing a maximum request body size while the body streams in."""
+class BodyTimeout(HTTPException):
+    """The client stopped sending the request body (HTTP 408). An HTTPException for the same reason
+    as :class:`BodyTooLarge`."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, seconds: float):
+        super().__init__(
+            status_code=408,
+            detail=f"request body stalled: no data for {seconds:g} s",
+            headers={"Connection": "close"},
+        )
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI middleware enforcing a maximum request body size while the body streams in, and a
+    deadline between two chunks of the body (a client that stalls mid-upload gets 408)."""
+
+    def __init__(self, app, max_bytes: int, body_timeout: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
@@ -63,14 +79,23 @@ class BodySizeLimitMiddleware:
             await _send_json(send, 413, BodyTooLarge(self.max_bytes).detail)
             return
         received = 0
+        body_complete = False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete or self.body_timeout is None:
+                # after the body, receive() waits for the client to disconnect: no deadline there
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except TimeoutError:
+                    raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -113,13 +138,57 @@ class Upload:
         return f"image {i}" + (f" ({name})" if name else "")
 
 
+#: deepest nesting of client JSON (metadata, labels) that is stored and sent back later
+MAX_JSON_DEPTH = 32
+
+
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400 parses to infinity, which JSON cannot carry back
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
 def strict_json_loads(text: str | bytes) -> Any:
-    """json.loads without the NaN/Infinity extensions (they could not be sent back as JSON)."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """json.loads that accepts only what can be sent back as JSON: no NaN/Infinity, no number that
+    overflows to infinity. Nesting too deep for the parser is a ValueError, not a RecursionError."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def check_json_value(value: Any, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse (422) a parsed JSON value that could not be stored and answered later: nesting deeper
+    than ``max_depth``, strings or keys that are not valid Unicode (lone surrogate escapes such as
+    "\\ud800" cannot be encoded as UTF-8), and non-finite numbers. Iterative: no recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise UploadError(f"{where} is nested deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_text(key, where)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise UploadError(f"{where} holds a number that is not finite")
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UploadError(f"{where} holds text that is not valid Unicode (a lone surrogate escape)") from None
 
 
 def _media_type(request: Request) -> str:
@@ -129,6 +198,13 @@ def _media_type(request: Request) -> str:
 async def read_upload(request: Request, *, max_images: int, field_names: tuple[str, ...] = (IMAGES_FIELD,)) -> Upload:
     """Parse the images (and other fields) of a multipart or JSON request body."""
     media_type = _media_type(request)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # a compressed body would have to be inflated past max_upload_bytes to be checked: refuse it
+        raise UploadError(
+            f"unsupported Content-Encoding {encoding!r}: send the body uncompressed (images are compressed already)",
+            status_code=415,
+        )
     if request.headers.get("content-length") == "0":
         raise UploadError(
             f"empty request body: send the images as multipart/form-data files in the field '{field_names[0]}' "
@@ -146,6 +222,8 @@ async def read_upload(request: Request, *, max_images: int, field_names: tuple[s
             f'\'{field_names[0]}\', or application/json {{"images": ["<base64>", ...]}}',
             status_code=415,
         )
+    if not upload.images and upload.json_body is not None:
+        raise UploadError("no image in the request: the JSON list 'images' is empty")
     if not upload.images:
         raise UploadError(
             f"no image in the request: expected files in the multipart field '{field_names[0]}'"
@@ -168,8 +246,7 @@ async def _read_multipart(request: Request, max_images: int, field_names: tuple[
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key not in field_names:
-                    fields.setdefault(key, []).append(f"<file {value.filename or ''}>")
-                    continue
+                    raise UploadError(f"field '{key}' must be text, not a file (images go in '{field_names[0]}')")
                 images.append(await value.read())
                 names.append(value.filename or "")
             else:
@@ -257,6 +334,8 @@ def parse_labels(upload: Upload, count: int, max_chars: int) -> list[str | None]
             raise UploadError(f"labels[{i}] must be a string or null")
         if label is not None and len(label) > max_chars:
             raise UploadError(f"labels[{i}] is longer than {max_chars} characters")
+        if label is not None:
+            _check_text(label, f"labels[{i}]")
     return labels
 
 
@@ -284,6 +363,8 @@ def parse_metadata(upload: Upload, count: int, max_bytes: int) -> list[dict | No
     for i, entry in enumerate(entries):
         if entry is not None and not isinstance(entry, dict):
             raise UploadError(f"metadata[{i}] must be a JSON object or null, got {type(entry).__name__}")
-        if entry is not None and len(json.dumps(entry)) > max_bytes:
-            raise UploadError(f"metadata[{i}] is larger than {max_bytes} bytes of JSON")
+        if entry is not None:
+            check_json_value(entry, f"metadata[{i}]")
+            if len(json.dumps(entry, ensure_ascii=False).encode()) > max_bytes:
+                raise UploadError(f"metadata[{i}] is larger than {max_bytes} bytes of JSON")
     return entries

@@ -175,14 +175,18 @@ def test_gallery_refuses_wrong_model_foreign_folders_and_second_writer(tmp_path)
 def test_read_only_gallery(tmp_path):
     writer = open_index(tmp_path / "g")
     ids = writer.add(unit_vectors(3))
-    reader = open_index(tmp_path / "g", read_only=True)  # no lock: loads beside the writer
+    with pytest.raises(GalleryError, match="being written"):  # a reader beside a live writer would go stale
+        open_index(tmp_path / "g", read_only=True)
+    writer.close()
+    reader = open_index(tmp_path / "g", read_only=True)
     assert set(reader.ids()) == set(ids)
     with pytest.raises(GalleryReadOnlyError):
         reader.add(unit_vectors(1))
     with pytest.raises(GalleryReadOnlyError):
         reader.delete(ids[0])
-    writer.close()
-    assert open_index(tmp_path / "missing", read_only=True).size == 0
+    reader.close()
+    with pytest.raises(GalleryError, match="cannot create one"):
+        open_index(tmp_path / "missing", read_only=True)
 
 
 def test_index_build_command_and_serving_its_output(model_dir, tmp_path, capsys):
