@@ -11,6 +11,32 @@
 # Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR MIRROR PYTHON DOCKER
 # PY_VERSION BASE_TAG PY_TAG WITH_GPU WITH_TRAIN IN_REPO; log, die.
 
+# The Debian archive that this machine's apt uses for the suite $1 (deb822 .sources stanzas, then
+# one-line .list entries), so that the repository names no package host. Prints nothing if none.
+debian_mirror_from_apt() {
+    local suite=$1 uri
+    uri=$(awk -v suite="$suite" '
+        BEGIN { RS = ""; FS = "\n" }
+        {
+            types = ""; uris = ""; suites = ""
+            for (i = 1; i <= NF; i++) {
+                if ($i ~ /^Types:/) types = $i
+                if ($i ~ /^URIs:/) uris = $i
+                if ($i ~ /^Suites:/) suites = " " $i " "
+            }
+            if (types ~ /[[:space:]]deb([[:space:]]|$)/ && index(suites, " " suite " ") && uris != "") {
+                split(uris, parts, /[[:space:]]+/); print parts[2]; exit
+            }
+        }' /etc/apt/sources.list.d/*.sources 2>/dev/null)
+    if [ -z "$uri" ]; then
+        uri=$(awk -v suite="$suite" '
+            $1 == "deb" {
+                for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($(i + 1) == suite) { print $i; exit } break }
+            }' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null)
+    fi
+    printf '%s' "$uri"
+}
+
 # phase "base image (debootstrap)"
 build_base_image() {
     local tarball=$CACHE/base/debian-bookworm-minbase.tar rootfs

@@ -32,7 +32,7 @@
 #                     the first one is served)
 #   --fresh           delete the cache first (base tarball, wheels, images): a full run from scratch
 #   --port N          host port for the service (default 8000, or a free one when 8000 is taken)
-# Environment: DINO_DOCKER_CACHE, DINO_DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# Environment: DINO_DOCKER_CACHE, DINO_DEBIAN_MIRROR (default: the Debian archive of this machine's apt sources),
 #   DINO_WHEEL_GLIBC_MINOR (newest manylinux_2_N tag of the downloaded wheels; default 36, bookworm),
 #   PYTHON (host python with pip, for pip download; default python3), DINO_SMOKE_PHOTO (a JPEG/PNG
 #   to post; default: matplotlib's sample photo from .venv, else a generated image),
@@ -51,7 +51,7 @@ CACHE=${DINO_DOCKER_CACHE:-$HOME/.cache/dino-docker}
 RUN_DIR=/run/dino-docker-smoke
 DATA_ROOT=$CACHE/docker
 LOG_DIR=$CACHE/logs
-MIRROR=${DINO_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DINO_DEBIAN_MIRROR:-}          # default: this machine's apt sources (preflight)
 PYTHON=${PYTHON:-python3}
 DOCKER=/usr/bin/docker                # Debian's client, the same release as the daemon started here
 DOCKERD=/usr/sbin/dockerd
@@ -156,8 +156,11 @@ phase "preflight"
 exec 9>/run/lock/dino-docker-smoke.lock
 if ! flock -n 9; then log "another smoke test is running: waiting for it (up to 30 min)"; flock -w 1800 9 || die "still locked"; fi
 [ "$(uname -m)" = x86_64 ] || die "x86_64 only (the wheels are manylinux x86_64)"
+[ -n "$MIRROR" ] || MIRROR=$(debian_mirror_from_apt bookworm)
+[ -n "$MIRROR" ] || die "no Debian archive for bookworm in /etc/apt/sources.list*: set DINO_DEBIAN_MIRROR to one"
 log "repository: $REPO"
 log "cache:      $CACHE"
+log "mirror:     $MIRROR"
 cleanup_previous_run          # a killed run's dockerd, processes, mounts, /run directories
 if [ $FRESH -eq 1 ]; then log "--fresh: deleting $CACHE"; rm -rf "$CACHE"; fi
 mkdir -p "$CACHE" "$LOG_DIR"

@@ -209,6 +209,20 @@ class _FolderLock:
             self._fd = None
 
 
+def check_shared_reading(path: Path) -> None:
+    """Raise :class:`GalleryError` unless read-only servers can share the gallery folder ``path`` now:
+    it must hold a gallery, and no live process may be writing it. ``dino serve --workers N`` asks
+    before it starts the workers, so that the answer is one clear message, not N failed workers."""
+    if not (path / MANIFEST_FILE).is_file():
+        raise GalleryError(
+            f"no gallery index in {path}: several workers serve a gallery read-only and cannot create one; "
+            "build it with 'dino index build', or start one worker to create it"
+        )
+    lock = _FolderLock(path / LOCK_FILE)
+    lock.acquire(shared=True)
+    lock.release()
+
+
 # --------------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------------

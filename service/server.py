@@ -5,7 +5,8 @@ here override them. They reach the app (and every ``--workers`` process) through
 and uvicorn builds the app with :func:`service.app.create_app_from_env`.
 
 With ``--workers N > 1`` every worker loads the model and the gallery, and the gallery is served
-read-only: several processes appending to one index folder would lose each other's writes. Add
+read-only: several processes appending to one index folder would lose each other's writes. The
+gallery must exist and no other process may be writing it (checked before the workers start). Add
 images with one worker (dynamic batching already keeps one accelerator busy) or build the gallery
 offline with ``dino index build``.
 """
@@ -20,6 +21,7 @@ import sys
 
 from pydantic import ValidationError
 
+from service.index import GalleryError, check_shared_reading
 from service.settings import ModelNotFoundError, ServiceSettings
 
 ENV_PREFIX = "DINO_"
@@ -78,10 +80,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"dino serve: {settings.workers} workers: the gallery is served read-only", file=sys.stderr)
             overrides["index_read_only"] = True
         settings.resolved_model_dir()  # fail now, clearly, rather than in every worker
+        if (settings.workers > 1 or settings.index_read_only) and settings.index_dir is not None:
+            check_shared_reading(settings.index_dir)
     except ValidationError as exc:
         print(f"dino serve: invalid setting: {exc}", file=sys.stderr)
         return 2
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, GalleryError) as exc:
         print(f"dino serve: {exc}", file=sys.stderr)
         return 2
     # the workers are separate processes: hand them the flags through their environment

@@ -23,6 +23,7 @@ from PIL import Image
 from dino.images import ImageInputError
 from service.batching import DynamicBatcher, QueueFullError
 from service.index import EmbeddingIndex
+from service.memory import return_large_blocks_to_the_system
 from service.metrics import ServiceMetrics
 from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
 from service.runtime import OnnxModel
@@ -174,6 +175,7 @@ def open_index(settings: ServiceSettings, model: OnnxModel, folder: Path | None,
 
 def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Path | None = None) -> ServiceState:
     """Load and warm up the model and open the gallery (blocking; run it in a thread)."""
+    return_large_blocks_to_the_system()
     model_dir = model_dir or settings.resolved_model_dir()
     model = OnnxModel(
         model_dir,

@@ -83,12 +83,13 @@ def huge_tile_tiff(side: int = 16, tile: int = 32768) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + payload
 
 
-def large_photo_jpeg(side: int = 6000, progressive: bool = True, quality: int = 90) -> bytes:
-    """A legitimate but large photo-like JPEG (smooth gradients plus noise), ``side`` x ``side``."""
+def large_photo_jpeg(side: int = 6000, progressive: bool = True, quality: int = 85) -> bytes:
+    """A legitimate but large photo-like JPEG (gradients plus fine noise), ``side`` x ``side``: about
+    5 MB at the default size."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, side, dtype=np.float32)
     pixels = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1), np.full((side, side), 96.0)], -1)
-    pixels += rng.normal(0, 12, pixels.shape).astype(np.float32)
+    pixels += rng.normal(0, 3, pixels.shape).astype(np.float32)
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
         buffer, "JPEG", progressive=progressive, quality=quality

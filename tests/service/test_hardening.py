@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
+from dino.cli import main as dino
 from dino.images import ImageTooLarge, decode_image, to_rgb
 from service.app import create_app
 from service.index import EmbeddingIndex, GalleryError
@@ -254,3 +255,15 @@ def test_gallery_entries_can_be_listed_page_by_page(client):
     assert last["total"] == total and [item["id"] for item in last["items"]] == ids[:2]
     assert last["items"][0] == {"id": ids[0], "label": "a", "metadata": {"source": "listing"}}
     assert client.get("/index/items", params={"limit": 100_000}).status_code == 422
+
+
+def test_serve_with_several_workers_refuses_a_missing_or_busy_gallery(model_dir, tmp_path, capsys):
+    serve = ["serve", "--model", str(model_dir), "--workers", "2", "--index"]
+    assert dino(serve + [str(tmp_path / "missing")]) == 2
+    assert "no gallery index in" in capsys.readouterr().err
+    writer = EmbeddingIndex(tmp_path / "busy", dim=8, model_sha256="x", model_name="m")
+    try:
+        assert dino(serve + [str(tmp_path / "busy")]) == 2
+        assert "being written by another process" in capsys.readouterr().err
+    finally:
+        writer.close()
