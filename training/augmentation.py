@@ -5,10 +5,13 @@ horizontal flip, colour jitter (p 0.8), grayscale (p 0.2) and Gaussian blur (p 1
 global, 0.1 for the second, 0.5 for the locals); the second global view is also solarised (p 0.2).
 The asymmetric blur/solarisation follows BYOL: the two global views are made deliberately different.
 
-The paper's blur is defined at 224 px: kernel 23 px (a tenth of the side), sigma 0.1-2.0 px. Both
-are scaled to the crop side here, so a 64 px crop gets the same blur relative to its content as a
-224 px one. An unscaled sigma of 2 px on a 64 px crop would be as strong as 7 px at 224 px, and
-would wipe out the object detail that the views are meant to share.
+The paper's blur is defined for its recipe, global crops of 224 px and local crops of 96 px: sigma
+0.1-2.0 px on every crop, local ones included (PIL's GaussianBlur in the reference), with BYOL's
+kernel of 23 px (a tenth of 224). Runs at another resolution scale both by one factor, the global
+crop side / 224, applied to every crop: the paper's recipe gets exactly the paper's values, and a
+64/32 px recipe gets the blur of the 224/112 px one, shrunk with its images. (Scaling each crop by
+its own side instead would make the 96 px local crops of the paper recipe 2.3x less blurred than
+the paper's.) The kernel is odd, at least 3 px and at most the crop side.
 """
 
 from __future__ import annotations
@@ -22,22 +25,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-#: side at which the paper's blur parameters are given
+#: side of the global crops at which the paper's blur parameters are given
 PAPER_SIZE = 224
-#: Gaussian blur sigma range in pixels at PAPER_SIZE (BYOL / DINO)
+#: Gaussian blur sigma range in pixels at PAPER_SIZE, for global and local crops alike (BYOL / DINO)
 PAPER_BLUR_SIGMA = (0.1, 2.0)
+#: blur kernel side at PAPER_SIZE (BYOL: a tenth of the image side, odd), i.e. 5.5 sigma at the top
+PAPER_BLUR_KERNEL = 23
+#: the smallest odd kernel that blurs at all
+MIN_BLUR_KERNEL = 3
 
 
-def _blur_kernel(size: int) -> int:
-    """An odd kernel about a tenth of the crop side (23 px at 224, 3 px at 32)."""
-    k = max(3, int(0.1 * size))
-    return k if k % 2 else k + 1
+def blur_scale(global_size: int) -> float:
+    """The one factor by which every crop's blur is scaled: global crop side / 224."""
+    return global_size / PAPER_SIZE
 
 
-def blur_sigma(size: int) -> tuple[float, float]:
-    """The paper's blur sigma range, scaled from 224 px to a crop of side ``size``."""
-    scale = size / PAPER_SIZE
+def blur_sigma(global_size: int) -> tuple[float, float]:
+    """The paper's sigma range scaled by :func:`blur_scale`; the same for the global and local crops."""
+    scale = blur_scale(global_size)
     return PAPER_BLUR_SIGMA[0] * scale, PAPER_BLUR_SIGMA[1] * scale
+
+
+def blur_kernel(global_size: int, crop_size: int) -> int:
+    """The paper's 23 px kernel scaled by :func:`blur_scale`, odd, within [3, crop side]."""
+    k = max(MIN_BLUR_KERNEL, round(PAPER_BLUR_KERNEL * blur_scale(global_size)))
+    k = min(k, crop_size)  # a kernel wider than the crop only adds padding
+    return k if k % 2 else k - 1 if k > MIN_BLUR_KERNEL else MIN_BLUR_KERNEL
 
 
 class MultiCropAugmentation:
@@ -72,7 +85,9 @@ class MultiCropAugmentation:
             return v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
         def blur(size: int, p: float) -> v2.Transform:
-            return v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=blur_sigma(size))], p=p)
+            # one sigma range for every crop, set by the global size (module docstring)
+            kernel = blur_kernel(global_size, size)
+            return v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma(global_size))], p=p)
 
         self.global1 = v2.Compose(
             [v2.PILToTensor(), crop(global_size, global_scale), *flip_and_jitter, blur(global_size, 1.0), *to_tensor]

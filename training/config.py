@@ -49,7 +49,7 @@ class TrainConfig:
     warmup_epochs: float = 10  #: linear learning-rate warm-up
     weight_decay: float = 0.04  #: start of the cosine weight-decay schedule
     weight_decay_end: float = 0.4  #: end of the cosine weight-decay schedule
-    clip_grad: float = 3.0  #: gradient norm clipping threshold; 0 disables
+    clip_grad: float = 3.0  #: clip each parameter's gradient to this L2 norm (as the reference); 0 disables
     freeze_last_layer: int = 1  #: epochs during which the head's last layer is not updated
     # teacher
     teacher_momentum: float = 0.996  #: start of the cosine EMA schedule

@@ -19,10 +19,13 @@ from training.export_graph import ExportError
 from training.weights import WeightsError, load_checkpoint_teacher
 
 
-def add_export_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``dino export`` and ``dino import``."""
+def add_export_options(parser: argparse.ArgumentParser, model_name_flag: str = "--name") -> None:
+    """Options shared by ``dino export`` and ``dino import`` (where ``--name`` picks an official
+    release, so the model is named with ``--model-name``)."""
     parser.add_argument("--output", required=True, help="model folder to write, e.g. models/NAME")
-    parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
+    parser.add_argument(
+        model_name_flag, dest="model_name", default=None, help="model name (default: the output folder's name)"
+    )
     parser.add_argument(
         "--resize-size",
         type=int,
@@ -43,7 +46,7 @@ def export_with_options(
     return export_backbone(
         backbone,
         output,
-        name=args.name or output.name,
+        name=args.model_name or output.name,
         arch=arch,
         patch_size=patch_size,
         image_size=image_size,

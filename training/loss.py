@@ -41,8 +41,15 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        student_output = student_output.float()
-        teacher_output = teacher_output.float()
+        # float32 throughout, also under bf16 autocast: autocast would run the einsum below (a bmm) in
+        # bf16, whose 8-bit mantissa blurs a softmax over K = 65536 prototypes at temperature 0.04
+        # and the small differences between crops that the loss is made of
+        with torch.autocast(student_output.device.type, enabled=False):
+            return self._forward_fp32(student_output.float(), teacher_output.float(), teacher_temp)
+
+    def _forward_fp32(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
         batch = teacher_output.shape[0] // self.n_global_crops
         if student_output.shape[0] != batch * self.ncrops:
             raise ValueError(
@@ -62,8 +69,9 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        """EMA of the mean teacher output over the global batch (all processes)."""
-        batch_sum = teacher_output.float().sum(dim=0, keepdim=True)
+        """EMA of the mean teacher output over the global batch (all processes), kept in float32: the
+        centre accumulates small updates (1 - momentum = 0.1 of a batch mean) that bf16 would round away."""
+        batch_sum = teacher_output.float().sum(dim=0, keepdim=True, dtype=torch.float32)
         count = torch.tensor([teacher_output.shape[0]], dtype=torch.float32, device=batch_sum.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)

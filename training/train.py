@@ -29,10 +29,12 @@ from tqdm import tqdm
 
 from training.augmentation import MultiCropAugmentation
 from training.backbone import build_backbone, set_fused_attention
+from training.batchnorm import convert_to_all_reduce_batchnorm
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
 from training.data import DataError, UnlabelledImageFolder, collate_skip_none
 from training.distributed import DeviceError, init_distributed, is_main_process, resolve_device, shutdown_distributed
+from training.gradients import cancel_last_layer_gradients, clip_gradients
 from training.head import DINOHead
 from training.knn import evaluate_knn
 from training.loss import DINOLoss
@@ -155,9 +157,9 @@ class Trainer:
             raise DataError(f"batch size {cfg.batch_size} is not divisible by the {self.world_size} processes")
         self.batch_per_rank = cfg.batch_size // self.world_size
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        # bf16 has fp32's exponent range: no loss scaling (the reference's fp16 GradScaler) is needed
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
         self.precision = precision
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.augmentation = MultiCropAugmentation(
@@ -190,9 +192,16 @@ class Trainer:
         student, teacher = build_student_teacher(cfg)
         for model in (student, teacher):
             set_fused_attention(model, enabled=self.device.type == "cuda")
-        if self.world_size > 1 and cfg.head_bn and self.device.type == "cuda":
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if self.world_size > 1 and cfg.head_bn:
+            # the head's batch norm sees the global batch, as the reference's SyncBatchNorm; torch's
+            # SyncBatchNorm refuses CPU tensors, so gloo runs use an all-reduce batch norm instead
+            if self.device.type == "cuda":
+                student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            else:
+                bn_group = dist.new_group()  # its own group: never interleaved with DDP's all-reduces
+                student = cast(MultiCropWrapper, convert_to_all_reduce_batchnorm(student, bn_group))
+                teacher = cast(MultiCropWrapper, convert_to_all_reduce_batchnorm(teacher, bn_group))
         self.student_module = student.to(self.device)
         self.teacher = teacher.to(self.device)
         self.student: nn.Module = (
@@ -232,7 +241,6 @@ class Trainer:
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "dino_loss": self.loss_fn.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "epoch": epoch,  # epochs completed
             "step_in_epoch": step_in_epoch,  # steps of epoch `epoch` already done (mid-epoch saves)
             "step": self.global_step,
@@ -257,8 +265,7 @@ class Trainer:
         self.student_module.load_state_dict(ckpt["student"])
         self.teacher.load_state_dict(ckpt["teacher"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.loss_fn.load_state_dict(ckpt["dino_loss"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self.loss_fn.load_state_dict(ckpt["dino_loss"])  # a "scaler" entry of older checkpoints is unused
         restore_rng_state(ckpt["rng"])
         self.start_epoch, self.start_step_in_epoch = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
         self.global_step = ckpt["step"]
@@ -315,16 +322,14 @@ class Trainer:
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; stopping")
 
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(self.student_module.parameters(), cfg.clip_grad)
+        loss.backward()
         if epoch < cfg.freeze_last_layer:
-            # the paper freezes the last layer during the first epoch: it stabilises early training
-            for p in self.student_module.head.last_layer.parameters():
-                p.grad = None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            # frozen during the first epoch(s), which stabilises early training (paper, App.)
+            cancel_last_layer_gradients(cast(DINOHead, self.student_module.head).last_layer)
+        # per parameter, as the reference; cancelled gradients take no part. With clip_grad 0 this
+        # only measures (total_grad_norm in the log)
+        clip = clip_gradients(self.student_module.parameters(), cfg.clip_grad)
+        self.optimizer.step()
         momentum = float(self.momentum_schedule[it])
         update_teacher(self.student_module, self.teacher, momentum)
 
@@ -341,6 +346,9 @@ class Trainer:
             "teacher_temp": teacher_temp,
             "entropy": entropy,
             "kl": kl,
+            "clipped_params": clip.clipped_params,
+            "total_grad_norm": clip.total_grad_norm,
+            "total_norm_rule_clips": clip.total_norm_rule_clips,
         }
 
     def train(self) -> dict:
@@ -395,6 +403,26 @@ class Trainer:
             log.info("loss centre across %d ranks: max difference %.3g", self.world_size, spread)
         return spread
 
+    def agree_on_batch(self, crops: list[torch.Tensor] | None, skipped: int) -> bool:
+        """Whether every process has images for this step; counts the unreadable images of all.
+
+        A batch whose images were all unreadable leaves its process without a step. The others would
+        then wait for it in the step's all-reduces forever, so all processes take the decision
+        together: one all-reduce of (processes without a batch, skipped images), and the step is
+        skipped everywhere if any process has no batch.
+        """
+        empty = int(crops is None)
+        if self.world_size > 1:
+            flags = torch.tensor([empty, skipped], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flags)
+            empty, skipped = (int(v) for v in flags.tolist())
+        self.skipped_images += skipped
+        if empty and self.main:
+            log.warning(
+                "step skipped: the batch of %d of %d process(es) had only unreadable images", empty, self.world_size
+            )
+        return not empty
+
     def train_epoch(self, epoch: int, skip_steps: int) -> dict:
         cfg = self.cfg
         self.student.train()
@@ -408,17 +436,20 @@ class Trainer:
         )
         images = 0
         losses: list[float] = []
+        clip_steps = {"per_param": 0, "total_norm": 0}  # steps whose gradients each rule changed
         data_wait = compute = 0.0
         t_epoch = tick = time.perf_counter()
         for i, (crops, skipped) in enumerate(self.loader, start=skip_steps):
             t_data = time.perf_counter()
             data_wait += t_data - tick
-            self.skipped_images += skipped
-            if crops is None:
+            if not self.agree_on_batch(crops, skipped):
                 tick = time.perf_counter()
                 continue
+            assert crops is not None  # every rank has a batch
             it = epoch * self.steps_per_epoch + i
             metrics = self.train_step(crops, epoch, it)
+            clip_steps["per_param"] += metrics["clipped_params"] > 0
+            clip_steps["total_norm"] += metrics["total_norm_rule_clips"]
             self.global_step += 1
             n = crops[0].shape[0] * self.world_size
             images += n
@@ -445,6 +476,10 @@ class Trainer:
             "seconds": round(elapsed, 1),
             "data_wait_fraction": data_wait / max(data_wait + compute, 1e-9),
             "skipped_images": self.skipped_images,
+            # share of steps where clipping changed a gradient: the reference's per-parameter rule
+            # (applied) and the total-norm rule of clip_grad_norm_ (measured on the same gradients)
+            "clip_share_per_param": clip_steps["per_param"] / max(len(losses), 1),
+            "clip_share_total_norm": clip_steps["total_norm"] / max(len(losses), 1),
             **self.monitor.summary(),
         }
         self.log.write(record)

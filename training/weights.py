@@ -46,6 +46,11 @@ class WeightsError(Exception):
     """Weights that cannot be loaded: unreadable file, unknown layout, or keys/shapes that do not fit."""
 
 
+class UnreadableWeightsError(WeightsError):
+    """A file that cannot be read at all (truncated, corrupt, not a torch/safetensors file), as opposed
+    to a readable file whose weights do not fit: a downloaded file in this state is discarded."""
+
+
 def _safe_globals() -> list:
     """Types that are harmless to unpickle and occur in checkpoints: argparse args (official DINO
     checkpoints), NumPy arrays and scalars (RNG states, metrics)."""
@@ -72,7 +77,7 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError for corrupt/non-torch files, ...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: cannot load as a torch file: {first_line}") from exc
+        raise UnreadableWeightsError(f"{path}: cannot load as a torch file: {first_line}") from exc
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -169,7 +174,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
         try:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
-            raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from exc
+            raise UnreadableWeightsError(f"{path}: cannot read as safetensors: {exc}") from exc
         return _drop_heads(strip_prefixes(tensors, WRAPPER_PREFIXES)), FORMAT_SAFETENSORS, {}
 
     loaded = load_torch_file(path)

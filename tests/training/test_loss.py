@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from training.loss import DINOLoss
+from training.monitors import collapse_metrics
 
 
 def _softmax(xs):
@@ -60,3 +61,31 @@ def test_centre_update_is_an_ema_of_the_teacher_batch_mean():
 def test_loss_rejects_wrong_crop_layout():
     with pytest.raises(ValueError, match="crops"):
         DINOLoss(16, ncrops=4)(torch.zeros(10, 16), torch.zeros(4, 16), 0.04)
+
+
+def test_bf16_autocast_keeps_loss_softmax_and_centre_in_float32():
+    """Under bf16 autocast (the CUDA default, and ``--precision bf16`` on the CPU) the network's outputs
+    are bf16, but the loss, its softmaxes and the centre update run in float32: autocast alone would run
+    the loss's einsum (a bmm) in bf16."""
+    torch.manual_seed(0)
+    out_dim, ncrops, batch = 4096, 4, 8
+    student = torch.randn(ncrops * batch, out_dim).bfloat16()
+    teacher = torch.randn(2 * batch, out_dim).bfloat16()
+    bf16_loss, fp32_loss = DINOLoss(out_dim, ncrops), DINOLoss(out_dim, ncrops)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bf16_loss(student, teacher, 0.04)
+    expected = fp32_loss(student.float(), teacher.float(), 0.04)  # no autocast: float32 throughout
+    assert loss.dtype == torch.float32
+    assert bf16_loss.center.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(bf16_loss.center, fp32_loss.center)
+
+
+def test_collapse_metrics_are_float32_under_autocast():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 512).bfloat16(), torch.randn(8, 512).bfloat16()
+    center = torch.zeros(1, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = collapse_metrics(student, teacher, center, 0.04, 0.1)
+    outside = collapse_metrics(student.float(), teacher.float(), center, 0.04, 0.1)
+    assert inside == pytest.approx(outside, rel=1e-6)
