@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.training.tiny_run import TINY_MODEL
 from training.checkpoint import load_checkpoint
 from training.data import find_images
 from training.train import EpochSampler
@@ -51,16 +52,7 @@ def _torchrun(images: Path, out: Path) -> subprocess.CompletedProcess:
         str(images),
         "--output-dir",
         str(out),
-        "--arch",
-        "vit_tiny",
-        "--patch-size",
-        "8",
-        "--global-size",
-        "32",
-        "--local-size",
-        "16",
-        "--local-crops",
-        "2",
+        *TINY_MODEL,
         "--out-dim",
         "128",
         "--batch-size",

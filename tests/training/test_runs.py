@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dino.cli import main as dino
+from tests.training.tiny_run import TINY_MODEL
 from training.augmentation import MultiCropAugmentation
 from training.checkpoint import load_checkpoint
 from training.data import UnlabelledImageFolder, collate_skip_none
@@ -25,16 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # a tiny, fast configuration used by every real run below
 TINY_RUN = [
-    "--arch",
-    "vit_tiny",
-    "--patch-size",
-    "8",
-    "--global-size",
-    "32",
-    "--local-size",
-    "16",
-    "--local-crops",
-    "2",
+    *TINY_MODEL,
     "--out-dim",
     "256",
     "--batch-size",
