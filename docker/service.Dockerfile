@@ -45,6 +45,8 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_SOURCE
 ARG WHEELS=docker/wheels/serve
 ARG CUDA_LIBS=false
+# the extras installed: "serve", or "serve,milvus" for the Milvus gallery (compose's scale profile)
+ARG EXTRAS=serve
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
@@ -79,7 +81,7 @@ RUN set -eu; \
       exit 1; \
     fi; \
     pip install $src "setuptools>=68"; \
-    pip install $src --no-build-isolation --editable "/app[serve]" $cuda; \
+    pip install $src --no-build-isolation --editable "/app[$EXTRAS]" $cuda; \
     pip check; \
     mkdir -p /opt/venv/etc; \
     find /opt/venv/lib -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u > /opt/venv/etc/ld.so.nvidia.conf; \

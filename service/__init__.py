@@ -11,7 +11,7 @@ Stands on the torch-free core (:mod:`dino`), never imports ``training`` or torch
 - ``uploads``       multipart / JSON request bodies and their limits
 - ``batching``      the dynamic batcher
 - ``state``         what one running service holds (model, batcher, gallery, pools)
-- ``index``         the gallery: FAISS with a crash-safe journal
+- ``gallery/``      the gallery behind one interface: FAISS folder (default, crash-safe journal) or Milvus
 - ``index_cli``     ``dino index build``
 - ``overlay``       the attention heatmap PNG
 - ``metrics``       Prometheus metrics

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,12 @@ from starlette.requests import ClientDisconnect
 
 from dino.images import ImageInputError, ImageTooLarge, UnsupportedImage
 from service.batching import BatcherStoppedError, QueueFullError
-from service.index import GalleryReadOnlyError, UnknownImageError
+from service.gallery import (
+    GalleryEntryTooLarge,
+    GalleryReadOnlyError,
+    GalleryUnavailableError,
+    UnknownImageError,
+)
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routes import api_router, health_router, ui_router
 from service.settings import ServiceSettings
@@ -73,6 +79,15 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def read_only(request: Request, exc: GalleryReadOnlyError) -> JSONResponse:
         return _error(409, str(exc))
 
+    @app.exception_handler(GalleryUnavailableError)
+    async def gallery_unavailable(request: Request, exc: GalleryUnavailableError) -> JSONResponse:
+        retry_after = max(1, math.ceil(app.state.settings.milvus_retry_interval))
+        return _error(503, str(exc), {"Retry-After": str(retry_after)})
+
+    @app.exception_handler(GalleryEntryTooLarge)
+    async def entry_too_large(request: Request, exc: GalleryEntryTooLarge) -> JSONResponse:
+        return _error(413, str(exc))
+
     @app.exception_handler(RequestTooLarge)
     async def request_too_large(request: Request, exc: RequestTooLarge) -> JSONResponse:
         return _error(413, str(exc))
@@ -99,6 +114,15 @@ def install_exception_handlers(app: FastAPI) -> None:
         return _error(500, "internal server error", {"Connection": "close"})
 
 
+def _gallery_place(settings: ServiceSettings) -> str:
+    """Where the gallery is, for the startup log (no credentials)."""
+    if settings.gallery == "milvus":
+        from service.gallery.milvus_schema import public_uri
+
+        return f"in Milvus at {public_uri(settings.milvus_uri or '')}"
+    return str(settings.index_dir or "in memory")
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """Build the service app. The model folder is resolved now (a missing model fails here, clearly);
     the model itself is loaded when the app starts (lifespan)."""
@@ -115,8 +139,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             "ready: model %s on %s, gallery %s (%d images)",
             state.model.name,
             state.model.provider,
-            settings.index_dir or "in memory",
-            state.index.size,
+            _gallery_place(settings),
+            state.gallery.size,
         )
         try:
             yield

@@ -3,8 +3,9 @@
 Labels come from the subfolder names (``DIR/<label>/<image>``; images directly in DIR have no
 label), and each image's metadata records its path relative to DIR. Images go through exactly the
 service's path: the same safe decoding and evaluation transform (:mod:`service.preprocess`), the
-same :class:`service.runtime.OnnxModel` and the same durable :class:`service.index.EmbeddingIndex`,
-so ``dino serve --index OUTPUT`` serves the result as if the images had been POSTed to /index.
+same :class:`service.runtime.OnnxModel` and the same durable FAISS gallery
+(:class:`service.gallery.EmbeddingIndex`), so ``dino serve --index OUTPUT`` serves the result as if
+the images had been POSTed to /index.
 Unreadable images are skipped and counted.
 """
 
@@ -23,11 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files
-from service.index import MANIFEST_FILE, GalleryError
+from service.gallery import MANIFEST_FILE, GalleryError
+from service.gallery.factory import open_faiss_index
 from service.preprocess import Preprocessor, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
-from service.state import l2_normalize, open_index
+from service.state import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def build_index(
         raise GalleryError(
             f"{output} already holds a gallery index; pass --append to add to it, or choose a new folder"
         )
-    index = open_index(
+    index = open_faiss_index(
         settings,
         model,
         output,

@@ -51,7 +51,12 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("dino_queue_depth", "images waiting for inference", registry=r)
         self.images = Counter("dino_images", "images received, by outcome", ["outcome"], registry=r)
-        self.gallery_size = Gauge("dino_gallery_size", "images in the gallery index", registry=r)
+        self.gallery_size = Gauge(
+            "dino_gallery_size", "images in the gallery (Milvus: as last counted by this process)", registry=r
+        )
+        self.gallery_available = Gauge(
+            "dino_gallery_available", "1 while the gallery can be used, 0 while its backend is unreachable", registry=r
+        )
         self.model_info = Gauge(
             "dino_model_info", "the served model (value 1)", ["name", "sha256", "provider"], registry=r
         )

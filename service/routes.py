@@ -22,6 +22,7 @@ from service.overlay import render_overlay
 from service.preprocess import PreparedImage
 from service.schemas import (
     ERROR_RESPONSES,
+    GALLERY_UNAVAILABLE,
     AttentionResponse,
     EmbedResponse,
     GalleryItemsResponse,
@@ -116,10 +117,20 @@ async def healthz() -> dict:
     responses={503: ERROR_RESPONSES[503]},
 )
 async def readyz(request: Request) -> dict:
+    """503 while the model is not ready. A gallery whose backend is unreachable makes the answer
+    "degraded" (still 200, with what is missing): /embed and /attention work without it, and every
+    replica shares the one Milvus, so failing readiness would take all of them out of a load balancer."""
     state: ServiceState | None = request.app.state.service
     if state is None or not state.ready:
         raise HTTPException(status_code=503, detail="not ready: the model is loading or the server is stopping")
-    return {"status": "ready", "model": state.model.name, "provider": state.model.provider}
+    health = state.gallery_health()
+    return {
+        "status": "ready" if health.available else "degraded",
+        "model": state.model.name,
+        "provider": state.model.provider,
+        "gallery": {"backend": state.gallery.backend, "available": health.available, "detail": health.detail},
+        "missing": [] if health.available else [health.detail],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ async def attention(
 
 
 async def _stored_crop(state: ServiceState, image_id: str) -> PreparedImage:
-    data = await state.run_blocking(state.index.read_image, image_id)
+    data = await state.run_gallery(state.gallery.read_image, image_id)
 
     def decode() -> PreparedImage:
         with Image.open(io.BytesIO(data)) as img:
@@ -239,7 +250,7 @@ async def _stored_crop(state: ServiceState, image_id: str) -> PreparedImage:
     tags=["features"],
     summary="DINO [CLS] attention map of a gallery image (openable by URL)",
     response_class=Response,
-    responses={**ATTENTION_RESPONSES, 404: {"description": "no such gallery image"}},
+    responses={**ATTENTION_RESPONSES, 404: {"description": "no such gallery image"}, 503: GALLERY_UNAVAILABLE},
 )
 async def attention_of_stored(
     image_id: ImageId,
@@ -276,7 +287,7 @@ def json_safe(value: Any) -> Any:
 
 
 def _neighbors_body(state: ServiceState, query: np.ndarray, k: int, exclude: str | None) -> dict:
-    found = state.index.search(query, k, exclude=exclude)
+    found = state.gallery.search(query, k, exclude=exclude)
     neighbors = [{"id": n.id, "score": n.score, "label": n.label, "metadata": n.metadata} for n in found]
     return {"neighbors": json_safe(neighbors)}
 
@@ -299,7 +310,7 @@ async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
     )
     prepared = await state.prepare([single_image(upload)], upload.names)
     (query,) = await state.embed(prepared)
-    return JSONResponse(await state.run_blocking(_neighbors_body, state, query, k, None))
+    return JSONResponse(await state.run_gallery(_neighbors_body, state, query, k, None))
 
 
 @api_router.get(
@@ -307,12 +318,12 @@ async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
     tags=["gallery"],
     response_model=NeighborsResponse,
     summary="Nearest gallery images of a gallery image (itself excluded)",
-    responses={404: {"description": "no such gallery image"}},
+    responses={404: {"description": "no such gallery image"}, 503: GALLERY_UNAVAILABLE},
 )
 async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -> Response:
     _check_k(k, state)
-    query = await state.run_blocking(state.index.embedding, image_id)
-    return JSONResponse(await state.run_blocking(_neighbors_body, state, query, k, image_id))
+    query = await state.run_gallery(state.gallery.embedding, image_id)
+    return JSONResponse(await state.run_gallery(_neighbors_body, state, query, k, image_id))
 
 
 @api_router.post(
@@ -327,7 +338,7 @@ async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -
     },
 )
 async def index_add(request: Request, state: State) -> dict:
-    state.index.check_writable()  # before any upload is read or image decoded
+    state.gallery.check_writable()  # before any upload is read or image decoded
     upload = await read_upload(request, max_images=state.settings.max_images_per_request)
     count = len(upload.images)
     labels = parse_labels(upload, count, state.settings.max_label_chars)
@@ -335,16 +346,20 @@ async def index_add(request: Request, state: State) -> dict:
     prepared = await state.prepare(upload.images, upload.names)
     embeddings = await state.embed(prepared)
     thumbnails = await asyncio.gather(*(state.run_blocking(state.thumbnail, p.crop) for p in prepared))
-    ids = await state.run_blocking(state.index.add, embeddings, labels, metadata, thumbnails)
-    state.metrics.gallery_size.set(state.index.size)
+    ids = await state.run_gallery(state.gallery.add, embeddings, labels, metadata, thumbnails)
+    state.metrics.gallery_size.set(state.gallery.size)
     return {"ids": ids}
 
 
 @api_router.get(
-    "/index", tags=["gallery"], response_model=IndexInfo, summary="Gallery size, dimension, model and index type"
+    "/index",
+    tags=["gallery"],
+    response_model=IndexInfo,
+    summary="Gallery size, dimension, model, backend and index type",
+    responses={503: GALLERY_UNAVAILABLE},
 )
 async def index_info(state: State) -> dict:
-    return state.index.info()
+    return await state.run_gallery(state.gallery.info)
 
 
 @api_router.get(
@@ -352,6 +367,7 @@ async def index_info(state: State) -> dict:
     tags=["gallery"],
     response_model=GalleryItemsResponse,
     summary="The gallery's entries (id, label, metadata), a page at a time, in the order they were added",
+    responses={503: GALLERY_UNAVAILABLE},
 )
 async def index_items(
     state: State,
@@ -360,7 +376,7 @@ async def index_items(
 ) -> Response:
     if limit > state.settings.max_page_size:
         raise HTTPException(status_code=422, detail=f"limit must be at most {state.settings.max_page_size}")
-    total, items = await state.run_blocking(state.index.items, offset, limit)
+    total, items = await state.run_gallery(state.gallery.items, offset, limit)
     return JSONResponse({"total": total, "offset": offset, "items": json_safe(items)})
 
 
@@ -369,11 +385,15 @@ async def index_items(
     tags=["gallery"],
     response_model=IndexDeleteResponse,
     summary="Remove an image from the gallery",
-    responses={404: {"description": "no such gallery image"}, 409: {"description": "the gallery is read-only"}},
+    responses={
+        404: {"description": "no such gallery image"},
+        409: {"description": "the gallery is read-only"},
+        503: GALLERY_UNAVAILABLE,
+    },
 )
 async def index_delete(image_id: ImageId, state: State) -> dict:
-    await state.run_blocking(state.index.delete, image_id)
-    state.metrics.gallery_size.set(state.index.size)
+    await state.run_gallery(state.gallery.delete, image_id)
+    state.metrics.gallery_size.set(state.gallery.size)
     return {"id": image_id, "deleted": True}
 
 
@@ -382,10 +402,14 @@ async def index_delete(image_id: ImageId, state: State) -> dict:
     tags=["gallery"],
     summary="The stored gallery image (the model's centre crop, JPEG)",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such gallery image"}},
+    responses={
+        200: {"content": {"image/jpeg": {}}},
+        404: {"description": "no such gallery image"},
+        503: GALLERY_UNAVAILABLE,
+    },
 )
 async def index_image(image_id: ImageId, state: State) -> Response:
-    data = await state.run_blocking(state.index.read_image, image_id)
+    data = await state.run_gallery(state.gallery.read_image, image_id)
     # an id always names the same image: let browsers cache it (privately: it may be behind the API key)
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
@@ -395,7 +419,7 @@ async def metrics(request: Request) -> Response:
     state: ServiceState | None = request.app.state.service
     registry = request.app.state.metrics
     if state is not None:
-        registry.gallery_size.set(state.index.size)
+        state.gallery_health()  # sets the gallery gauges (no I/O)
     body, content_type = registry.render()
     return Response(content=body, media_type=content_type)
 

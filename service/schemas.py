@@ -70,19 +70,29 @@ class IndexInfo(BaseModel):
     dim: int
     model: str
     model_sha256: str
-    index_type: str = Field(description="flat (exact) or hnsw (approximate)")
+    backend: str = Field(description="faiss (the index folder) or milvus")
+    index_type: str = Field(description="faiss: flat (exact) or hnsw; milvus: HNSW, FLAT, IVF_FLAT or AUTOINDEX")
     persistent: bool = Field(description="false for an in-memory gallery (no index folder)")
     read_only: bool
+    collection: str | None = Field(None, description="the Milvus collection (milvus backend)")
 
 
 class HealthResponse(BaseModel):
     status: str
 
 
+class GalleryStatus(BaseModel):
+    backend: str = Field(description="faiss or milvus")
+    available: bool = Field(description="false while the gallery's backend cannot be reached")
+    detail: str | None = Field(None, description="why the gallery is unavailable")
+
+
 class ReadyResponse(BaseModel):
-    status: str
+    status: str = Field(description="ready, or degraded: the model serves but the gallery is unavailable")
     model: str
     provider: str = Field(description="the active onnxruntime execution provider")
+    gallery: GalleryStatus
+    missing: list[str] = Field(default_factory=list, description="what does not work now, and why")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -90,5 +100,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "body, image or image count over the limits"},
     415: {"model": ErrorResponse, "description": "not an image, or an unsupported content type"},
     422: {"model": ErrorResponse, "description": "invalid parameters or corrupt image"},
-    503: {"model": ErrorResponse, "description": "model not ready or inference queue full"},
+    503: {"model": ErrorResponse, "description": "model not ready, inference queue full or gallery unavailable"},
+}
+GALLERY_UNAVAILABLE: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "the gallery's backend (Milvus) cannot be reached right now; retry after Retry-After seconds",
 }

@@ -4,11 +4,13 @@ Settings come from ``DINO_*`` environment variables (see :mod:`service.settings`
 here override them. They reach the app (and every ``--workers`` process) through the environment,
 and uvicorn builds the app with :func:`service.app.create_app_from_env`.
 
-With ``--workers N > 1`` every worker loads the model and the gallery, and the gallery is served
-read-only: several processes appending to one index folder would lose each other's writes. The
-gallery must exist and no other process may be writing it (checked before the workers start). Add
-images with one worker (dynamic batching already keeps one accelerator busy) or build the gallery
-offline with ``dino index build``.
+With ``--workers N > 1`` every worker loads the model and the gallery. A FAISS gallery (the
+default) is then served read-only: several processes appending to one index folder would lose each
+other's writes. It must exist and no other process may be writing it (checked before the workers
+start); add images with one worker or build the gallery offline with ``dino index build``. A Milvus
+server gallery (``--gallery milvus --milvus-uri http://HOST:19530``) is shared: every worker, and
+every other ``dino serve`` on any machine, adds, deletes and searches. A Milvus Lite file is opened by
+one process, so it is refused with several workers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import sys
 
 from pydantic import ValidationError
 
-from service.index import GalleryError, check_shared_reading
+from service.gallery import GalleryError
+from service.gallery.factory import check_multi_process
 from service.settings import ModelNotFoundError, ServiceSettings
 
 ENV_PREFIX = "DINO_"
@@ -35,6 +38,8 @@ FLAG_TO_SETTING = {
     "log_level": "log_level",
     "provider": "provider",
     "index_type": "index_type",
+    "gallery": "gallery",
+    "milvus_uri": "milvus_uri",
 }
 
 
@@ -45,12 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--workers", type=int, help="worker processes (default 1; > 1 serves the gallery read-only)")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes (default 1; > 1 serves a FAISS gallery read-only)"
+    )
     parser.add_argument(
         "--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime execution provider (default auto)"
     )
     parser.add_argument(
         "--index-type", choices=["flat", "hnsw"], help="gallery search: exact (flat) or HNSW (default flat)"
+    )
+    parser.add_argument(
+        "--gallery", choices=["faiss", "milvus"], help="gallery backend (default faiss: the --index folder)"
+    )
+    parser.add_argument(
+        "--milvus-uri", help="milvus backend: http://HOST:19530 (a shared Milvus server) or PATH.db (Milvus Lite)"
     )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], help="default info")
     parser.epilog = (
@@ -76,12 +89,10 @@ def main(args: argparse.Namespace) -> int:
     }
     try:
         settings = ServiceSettings(**overrides)
-        if settings.workers > 1 and not settings.index_read_only:
+        settings.resolved_model_dir()  # fail now, clearly, rather than in every worker
+        if check_multi_process(settings) and not settings.index_read_only:
             print(f"dino serve: {settings.workers} workers: the gallery is served read-only", file=sys.stderr)
             overrides["index_read_only"] = True
-        settings.resolved_model_dir()  # fail now, clearly, rather than in every worker
-        if (settings.workers > 1 or settings.index_read_only) and settings.index_dir is not None:
-            check_shared_reading(settings.index_dir)
     except ValidationError as exc:
         print(f"dino serve: invalid setting: {exc}", file=sys.stderr)
         return 2

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dino.model_folder import METADATA_FILE
@@ -50,9 +50,15 @@ class ServiceSettings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="model folder (model.json + model.onnx); default: first folder of <repo>/models"
     )
+    gallery: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="gallery backend: faiss (the index folder DINO_INDEX_DIR, one writing process) or milvus "
+        "(DINO_MILVUS_URI; a Milvus server is shared by every worker, replica and machine)",
+    )
     index_dir: Path | None = Field(
         None,
-        description="gallery index folder (created if missing); default: an in-memory gallery that is lost on exit",
+        description="gallery index folder of the faiss backend (created if missing); default: an in-memory gallery "
+        "that is lost on exit",
     )
     index_read_only: bool = Field(
         False, description="serve the gallery without accepting changes (set automatically with --workers > 1)"
@@ -135,12 +141,50 @@ class ServiceSettings(BaseSettings):
         "so that GET /attention/{id} sees exactly what the model saw",
     )
     thumbnail_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the stored gallery images")
+    gallery_threads: int = Field(
+        4, ge=1, description="threads doing gallery work (disk, Milvus calls), apart from the decoding threads"
+    )
 
-    @field_validator("api_key", mode="before")
+    # --- the milvus gallery backend ------------------------------------------------------------
+    milvus_uri: str | None = Field(
+        None,
+        description="a path ending in .db: Milvus Lite inside this process (one process); http://HOST:19530: a "
+        "Milvus server or cluster that several processes share",
+    )
+    milvus_token: SecretStr | None = Field(None, description="Milvus credentials: 'user:password' or an API key")
+    milvus_collection: str | None = Field(
+        None, description="Milvus collection; default dino_<model name>_<embedding dim> (one per model)"
+    )
+    milvus_index_type: Literal["HNSW", "FLAT", "IVF_FLAT", "AUTOINDEX"] = Field(
+        "HNSW", description="Milvus vector index (metric IP on L2-normalised embeddings = cosine)"
+    )
+    milvus_index_params: dict[str, Any] | None = Field(
+        None,
+        description="JSON build parameters of the Milvus index; default: HNSW M/efConstruction from DINO_HNSW_M and "
+        "DINO_HNSW_EF_CONSTRUCTION, IVF_FLAT nlist 1024",
+    )
+    milvus_search_params: dict[str, Any] | None = Field(
+        None,
+        description="JSON search parameters of the Milvus index; default: HNSW ef from DINO_HNSW_EF_SEARCH "
+        "(raised to k), IVF_FLAT nprobe 16",
+    )
+    milvus_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Strong",
+        description="consistency level of gallery reads; Strong: a search sees every add acknowledged before it, "
+        "by any process",
+    )
+    milvus_timeout: float = Field(10.0, gt=0, description="seconds one Milvus call may take (503 after that)")
+    milvus_retry_interval: float = Field(
+        2.0, gt=0, description="seconds between health checks of Milvus, and between reconnections while it is down"
+    )
+
+    @field_validator("api_key", "milvus_token", "milvus_uri", "milvus_collection", "index_dir", mode="before")
     @classmethod
-    def _empty_key_is_no_key(cls, value):
+    def _empty_is_unset(cls, value):
         """``DINO_API_KEY=`` (set but empty, as compose files and shells often leave it) means no key,
-        not "require an empty bearer token", which would lock every client out."""
+        not "require an empty bearer token", which would lock every client out; likewise an empty index
+        folder, Milvus URI, token or collection means "not set" (``DINO_INDEX_DIR=`` turns off the image's
+        default folder)."""
         if isinstance(value, str) and not value.strip():
             return None
         return value
@@ -173,6 +217,16 @@ class ServiceSettings(BaseSettings):
                 return json.loads(text)
             return [origin.strip() for origin in text.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _milvus_needs_a_uri(self) -> ServiceSettings:
+        """DINO_GALLERY=milvus without DINO_MILVUS_URI would leave nowhere to store the gallery."""
+        if self.gallery == "milvus" and not self.milvus_uri:
+            raise ValueError(
+                "DINO_GALLERY=milvus needs DINO_MILVUS_URI: a Milvus server (http://HOST:19530) or a Milvus Lite "
+                "path ending in .db"
+            )
+        return self
 
     def resolved_model_dir(self) -> Path:
         """The model folder to serve: ``model_dir`` or the default shipped model; checked to hold a model.json."""

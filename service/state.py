@@ -1,28 +1,31 @@
 """The running service: model, preprocessing pool, batcher, gallery and metrics, built at startup.
 
 :func:`load_state` does the blocking work (load + verify + warm up the model, open the gallery);
-the app's lifespan runs it in a thread and then starts the batcher. Request handlers reach the
-state through :func:`service.dependencies.get_state` and use its async helpers, which keep all
-decoding, inference and disk work off the event loop.
+the app's lifespan runs it in a thread and then starts the batcher (and, for a remote gallery, the
+watchdog that checks it and reconnects). Request handlers reach the state through
+:func:`service.dependencies.get_state` and use its async helpers, which keep all decoding,
+inference, disk and network work off the event loop. Gallery calls run in their own thread pool:
+a slow or unreachable Milvus never takes the threads that decode images for /embed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from dino.images import ImageInputError
 from service.batching import DynamicBatcher, QueueFullError
-from service.index import EmbeddingIndex
+from service.gallery import Gallery, GalleryHealth
+from service.gallery.factory import open_gallery
 from service.memory import return_large_blocks_to_the_system
 from service.metrics import ServiceMetrics
 from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
@@ -55,9 +58,11 @@ class ServiceState:
     model: OnnxModel
     preprocessor: Preprocessor
     batcher: DynamicBatcher
-    index: EmbeddingIndex
+    gallery: Gallery
     metrics: ServiceMetrics
     pool: ThreadPoolExecutor
+    #: gallery work (disk, Milvus), apart from ``pool`` so that a stuck backend cannot starve decoding
+    gallery_pool: ThreadPoolExecutor
     ready: bool = False
     started_at: float = field(default_factory=time.time)
     #: images of all requests admitted to decoding and not finished yet
@@ -66,6 +71,7 @@ class ServiceState:
     def __post_init__(self) -> None:
         # one slot per pool thread, handed out first come, first served across requests
         self.decode_slots = asyncio.Semaphore(self.settings.preprocess_threads)
+        self._watchdog: asyncio.Task | None = None
 
     @property
     def decode_concurrency(self) -> int:
@@ -73,8 +79,31 @@ class ServiceState:
         return self.settings.decode_threads_per_request or max(1, self.settings.preprocess_threads // 2)
 
     async def run_blocking(self, fn, *args):
-        """Run ``fn(*args)`` in the service's worker pool (decoding, encoding, gallery disk work)."""
+        """Run ``fn(*args)`` in the service's worker pool (decoding, encoding, rendering)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def run_gallery(self, fn, *args):
+        """Run ``fn(*args)`` (a gallery call: disk or network) in the gallery's thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
+
+    def gallery_health(self) -> GalleryHealth:
+        """The gallery's state as last seen (no I/O), also published as metrics."""
+        health = self.gallery.health()
+        self.metrics.gallery_available.set(1 if health.available else 0)
+        self.metrics.gallery_size.set(self.gallery.size)
+        return health
+
+    async def _watch_gallery(self) -> None:
+        """Check a remote gallery every few seconds and reconnect when it was down: the gallery comes
+        back on its own, and /readyz tells the truth even without gallery traffic."""
+        interval = self.settings.milvus_retry_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_gallery(self.gallery.probe)
+            except Exception:  # never let the watchdog die: it is what brings the gallery back
+                log.exception("gallery check failed")
+            self.gallery_health()
 
     async def prepare(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> list[PreparedImage]:
         """Decode + transform the images of one request in the pool; a bad image fails the request with its position.
@@ -148,29 +177,20 @@ class ServiceState:
 
     async def start(self) -> None:
         await self.batcher.start()
-        self.metrics.gallery_size.set(self.index.size)
+        self.gallery_health()
+        self._watchdog = asyncio.create_task(self._watch_gallery()) if self.gallery.needs_watchdog else None
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         await self.batcher.stop()
         self.pool.shutdown(wait=True)
-        self.index.close()
-
-
-def open_index(settings: ServiceSettings, model: OnnxModel, folder: Path | None, **overrides) -> EmbeddingIndex:
-    """The gallery index of ``model`` in ``folder`` (None: in memory), with the settings' index type,
-    HNSW parameters, compaction and read-only flag; ``overrides`` replace any of those."""
-    options: dict[str, Any] = dict(
-        index_type=settings.index_type,
-        hnsw_m=settings.hnsw_m,
-        hnsw_ef_construction=settings.hnsw_ef_construction,
-        hnsw_ef_search=settings.hnsw_ef_search,
-        compact_every=settings.index_compact_every,
-        read_only=settings.index_read_only,
-    )
-    options.update(overrides)
-    return EmbeddingIndex(folder, dim=model.spec.embed_dim, model_sha256=model.sha256, model_name=model.name, **options)
+        self.gallery_pool.shutdown(wait=True)
+        self.gallery.close()
 
 
 def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Path | None = None) -> ServiceState:
@@ -185,9 +205,11 @@ def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Pa
         intra_op_threads=settings.intra_op_threads,
     )
     model.warm_up(settings.warmup_batches)
-    index = open_index(settings, model, settings.index_dir)
-    if settings.index_dir is None:
+    gallery = open_gallery(settings, model)
+    if settings.gallery == "faiss" and settings.index_dir is None:
         log.warning("no index folder given (--index / DINO_INDEX_DIR): the gallery is kept in memory and lost at exit")
+    if settings.gallery == "milvus" and settings.index_dir is not None:
+        log.warning("DINO_INDEX_DIR is not used: the gallery is in Milvus (DINO_GALLERY=milvus)")
     metrics.model_info.labels(model.name, model.sha256, model.provider).set(1)
     batcher = DynamicBatcher(
         model,
@@ -201,7 +223,8 @@ def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Pa
         model=model,
         preprocessor=Preprocessor.for_model(model.spec, settings.max_image_pixels, settings.max_jpeg_scans),
         batcher=batcher,
-        index=index,
+        gallery=gallery,
         metrics=metrics,
         pool=ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="dino-preprocess"),
+        gallery_pool=ThreadPoolExecutor(max_workers=settings.gallery_threads, thread_name_prefix="dino-gallery"),
     )

@@ -1,4 +1,4 @@
-"""Fixtures of the service tests: the test model.
+"""Fixtures of the service tests: the test model, and a Milvus server for the Milvus gallery.
 
 The test model is a randomly initialised ViT-Tiny/8 at 64 px exported by ``training.export`` (the
 real exporter). Exporting takes ~15-20 s on two cores, so the folder is cached in pytest's cache
@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,31 @@ def model_dir(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     root = Path(cache.mkdir("dino-service-test-model")) if cache is not None else tmp_path_factory.mktemp("model")
     return export_test_model(root)
+
+
+@pytest.fixture(scope="session")
+def milvus_server_process(tmp_path_factory):
+    """One Milvus server (milvus-lite's gRPC server) for the session, always stopped at the end."""
+    from tests.service.milvus_server import MilvusLiteServer
+
+    root = tmp_path_factory.mktemp("milvus")
+    server = MilvusLiteServer(root / "data", root / "milvus.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def milvus_server(milvus_server_process):
+    """The session's Milvus server, running (started again if an earlier test left it stopped).
+
+    Tests put their gallery in a collection of their own (``milvus_collection``); a test that stops
+    the server (an outage) starts it again on the same data folder and port."""
+    return milvus_server_process.start()
+
+
+@pytest.fixture
+def milvus_collection(request) -> str:
+    """A Milvus collection name of the current test's own (letters, digits, underscores)."""
+    return "t_" + re.sub(r"[^A-Za-z0-9_]+", "_", request.node.name)[:200]

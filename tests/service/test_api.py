@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.index import EmbeddingIndex, GalleryModelMismatch
+from service.gallery import EmbeddingIndex, GalleryModelMismatch
 from service.preprocess import Preprocessor
 from service.runtime import OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings, find_default_model
@@ -91,7 +91,13 @@ def test_health_readiness_docs_and_page(client):
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "model": "test-vit-tiny8", "provider": "CPUExecutionProvider"}
+    assert ready.json() == {
+        "status": "ready",
+        "model": "test-vit-tiny8",
+        "provider": "CPUExecutionProvider",
+        "gallery": {"backend": "faiss", "available": True, "detail": None},
+        "missing": [],
+    }
     schema = client.get("/openapi.json").json()
     for path in [
         "/embed",
@@ -508,7 +514,7 @@ def test_unexpected_errors_are_a_json_500_without_traceback(model_dir):
         def broken_search(*args, **kwargs):
             raise RuntimeError("simulated bug with a secret path /etc/shadow")
 
-        state.index.search = broken_search
+        state.gallery.search = broken_search
         response = client.post("/neighbors", files=multipart(photo_bytes(0)))
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}

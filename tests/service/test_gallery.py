@@ -1,4 +1,4 @@
-"""The FAISS gallery (service.index): persistence, crash leftovers, safety, search, and the offline
+"""The FAISS gallery (service.gallery.faiss_store): persistence, crash leftovers, safety, search, and the offline
 ``dino index build`` command."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from dino.cli import main as dino
 from service.app import create_app
-from service.index import (
+from service.gallery import (
     EmbeddingIndex,
     GalleryError,
     GalleryModelMismatch,

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dino.cli import main as dino
 from dino.images import ImageTooLarge, decode_image, to_rgb
 from service.app import create_app
-from service.index import EmbeddingIndex, GalleryError
+from service.gallery import EmbeddingIndex, GalleryError
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 from service.state import load_state
@@ -165,8 +165,8 @@ def test_entries_stored_before_the_checks_do_not_break_answers(model_dir, tmp_pa
     with TestClient(create_app(settings)) as test_client:
         ids = test_client.post("/index", files=multipart(photo_bytes(0), photo_bytes(1))).json()["ids"]
         state = test_client.app.state.service
-        vector = state.index.embedding(ids[0])[None]
-        state.index.add(vector, ["bad\ud800label"], [{"score": float("inf"), "\udfffkey": "x"}], [b""])
+        vector = state.gallery.embedding(ids[0])[None]
+        state.gallery.add(vector, ["bad\ud800label"], [{"score": float("inf"), "\udfffkey": "x"}], [b""])
     for _ in range(2):  # before and after a restart
         with TestClient(create_app(settings)) as test_client:
             found = test_client.get(f"/neighbors/{ids[0]}", params={"k": 5})
@@ -181,7 +181,7 @@ def test_entries_stored_before_the_checks_do_not_break_answers(model_dir, tmp_pa
 def test_an_unexpected_error_closes_the_connection_explicitly(model_dir, tmp_path, monkeypatch):
     settings = make_settings(model_dir, index_dir=tmp_path / "g")
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        monkeypatch.setattr(test_client.app.state.service.index, "info", lambda: 1 / 0)
+        monkeypatch.setattr(test_client.app.state.service.gallery, "info", lambda: 1 / 0)
         answer = test_client.get("/index")
     assert answer.status_code == 500 and answer.json() == {"detail": "internal server error"}
     assert answer.headers["connection"] == "close"

@@ -1,4 +1,5 @@
-"""The gallery: L2-normalised embeddings in FAISS, with ids, labels, metadata and images, made durable.
+"""The FAISS gallery (the default backend): an index folder on local disk, embedded in the service,
+nothing to start. L2-normalised embeddings in FAISS, with ids, labels, metadata and images, made durable.
 
 Search is by inner product on L2-normalised embeddings (= cosine similarity): exact with
 ``IndexFlatIP`` (the default), approximate with ``IndexHNSWFlat`` for large galleries.
@@ -26,8 +27,8 @@ Durability ("a crash at any moment leaves a loadable index holding every acknowl
 - a delete is journalled (and fsynced) before its image file is removed; image files of ids that
   are not in the gallery (a crash between writing images and the journal) are removed at load.
 
-Ids are ``uuid4().hex`` (32 lowercase hex digits) made by the server; anything else is refused
-before it can reach a file path.
+Ids are ``uuid4().hex`` (32 lowercase hex digits) made by the server (or given by a bulk loader in the
+same form); anything else is refused before it can reach a file path.
 """
 
 from __future__ import annotations
@@ -43,13 +44,22 @@ import threading
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import faiss
 import numpy as np
+
+from service.gallery.base import (
+    Gallery,
+    GalleryError,
+    GalleryModelMismatch,
+    Neighbor,
+    UnknownImageError,
+    check_new_entries,
+    is_valid_image_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,47 +72,10 @@ ENTRIES_FILE = "entries.jsonl"
 FAISS_FILE = "faiss.index"
 IMAGE_SUFFIX = ".jpg"
 INDEX_TYPES = ("flat", "hnsw")
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _SNAPSHOT_RE = re.compile(r"^snapshot-(\d{6,})$")
 _JOURNAL_RE = re.compile(r"^journal-(\d{6,})\.log$")
 #: names this module may leave in an index folder (anything else makes a manifest-less folder "foreign")
 _OWN_NAME_RE = re.compile(r"^(snapshot-\d{6,}|journal-\d{6,}\.log|images|\.lock|index\.json|\..+\.tmp)$")
-
-
-class GalleryError(Exception):
-    """A gallery problem the operator must fix (unreadable folder, wrong model, folder in use)."""
-
-
-class GalleryModelMismatch(GalleryError):
-    """The index folder was built with another model: its embeddings are not comparable."""
-
-
-class GalleryReadOnlyError(GalleryError):
-    """A write to a gallery opened read-only."""
-
-
-class UnknownImageError(KeyError):
-    """No gallery image with this id."""
-
-
-def new_image_id() -> str:
-    """A fresh opaque id: 32 lowercase hex digits (uuid4)."""
-    return uuid.uuid4().hex
-
-
-def is_valid_image_id(image_id: object) -> TypeGuard[str]:
-    """True for well-formed ids (the only strings ever joined to a path)."""
-    return isinstance(image_id, str) and _ID_RE.fullmatch(image_id) is not None
-
-
-@dataclass(frozen=True)
-class Neighbor:
-    """One search result."""
-
-    id: str
-    score: float
-    label: str | None
-    metadata: dict | None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,12 +201,14 @@ def check_shared_reading(path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class EmbeddingIndex:
+class EmbeddingIndex(Gallery):
     """A FAISS gallery of L2-normalised embeddings with ids, labels, metadata and images.
 
     ``path=None`` keeps everything in memory (lost at exit). Otherwise the folder is created if
     missing (or loaded), checked against ``model_sha256`` and locked for writing unless
     ``read_only``. All methods are thread-safe (one lock; FAISS searches are fast next to inference).
+
+    One process writes an index folder (``flock``); ``dino serve --workers N`` shares it read-only.
 
     Args:
         path: index folder, or None for an in-memory gallery.
@@ -245,6 +220,8 @@ class EmbeddingIndex:
         compact_every: journal entries after which a new snapshot is written.
         read_only: load without locking; every write raises :class:`GalleryReadOnlyError`.
     """
+
+    backend = "faiss"
 
     def __init__(
         self,
@@ -307,6 +284,7 @@ class EmbeddingIndex:
                 "dim": self.dim,
                 "model": self.model_name,
                 "model_sha256": self.model_sha256,
+                "backend": self.backend,
                 "index_type": self.index_type,
                 "persistent": self.persistent,
                 "read_only": self.read_only,
@@ -408,29 +386,27 @@ class EmbeddingIndex:
         labels: Sequence[str | None] | None = None,
         metadata: Sequence[dict | None] | None = None,
         images: Sequence[bytes] | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[str]:
         """Add L2-normalised embeddings [n, D] (with per-image labels, metadata, JPEG bytes).
 
-        Returns the new ids once the add is durable (journal fsynced).
+        Returns the new ids once the add is durable (journal fsynced). Given ``ids`` must not be in
+        the gallery yet (ValueError).
         """
         self.check_writable()
-        embeddings = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings must be [n, {self.dim}], got {list(embeddings.shape)}")
-        if not np.isfinite(embeddings).all():
-            raise ValueError("embeddings contain NaN or infinity")
-        n = len(embeddings)
-        labels = list(labels) if labels is not None else [None] * n
-        metadata = list(metadata) if metadata is not None else [None] * n
-        if len(labels) != n or len(metadata) != n or (images is not None and len(images) != n):
-            raise ValueError("embeddings, labels, metadata and images must have the same length")
-        ids = [new_image_id() for _ in range(n)]
+        batch = check_new_entries(self.dim, embeddings, labels, metadata, images, ids)
+        n = len(batch.ids)
         if n == 0:
-            return ids
-        if self.path is not None and images is not None:
+            return batch.ids
+        if ids is not None:
+            with self._lock:
+                taken = [i for i in batch.ids if i in self._row]
+            if taken:
+                raise ValueError(f"id {taken[0]} is already in the gallery")
+        if self.path is not None and batch.images is not None:
             # images first: a journal entry must never point at a missing image
             images_dir = self.path / IMAGES_DIR
-            for image_id, data in zip(ids, images, strict=True):
+            for image_id, data in zip(batch.ids, batch.images, strict=True):
                 write_file_durably(self._image_path(image_id), data, sync_dir=False)
             fsync_dir(images_dir)
         with self._lock:
@@ -440,14 +416,16 @@ class EmbeddingIndex:
                     _encode_journal_line(
                         {"op": "add", "id": i, "label": label, "metadata": meta, "embedding": _encode_vector(vector)}
                     )
-                    for i, label, meta, vector in zip(ids, labels, metadata, embeddings, strict=True)
+                    for i, label, meta, vector in zip(
+                        batch.ids, batch.labels, batch.metadata, batch.embeddings, strict=True
+                    )
                 )
                 self._append_journal(lines, n)
-            elif images is not None:
-                self._memory_images.update(zip(ids, images, strict=True))
-            self._apply_add(ids, labels, metadata, embeddings)
+            elif batch.images is not None:
+                self._memory_images.update(zip(batch.ids, batch.images, strict=True))
+            self._apply_add(batch.ids, batch.labels, batch.metadata, batch.embeddings)
             self._maybe_compact()
-        return ids
+        return batch.ids
 
     def delete(self, image_id: str) -> None:
         """Remove an image (durable when this returns); raises :class:`UnknownImageError`."""
@@ -461,11 +439,6 @@ class EmbeddingIndex:
             self._maybe_compact()
         if self.path is not None:
             self._image_path(image_id).unlink(missing_ok=True)  # a leftover is removed at the next load
-
-    def check_writable(self) -> None:
-        """Raise :class:`GalleryReadOnlyError` when this server may not change the gallery."""
-        if self.read_only:
-            raise GalleryReadOnlyError("the gallery is read-only in this server")
 
     def _apply_add(self, ids, labels, metadata, embeddings: np.ndarray) -> None:
         start = self._faiss.ntotal
