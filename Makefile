@@ -20,7 +20,7 @@ install-serve: $(BIN)/python
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
+	$(BIN)/pip install --quiet -e '.[train,serve,milvus,embed,ray,dev]'
 
 serve: install-serve
 	$(BIN)/dino serve

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
     "index": ("service.index_cli", "build a gallery index offline", "serve"),
+    "embed": ("service.batch_embedding", "embed an image folder into a Parquet dataset (resumable, Ray)", "embed"),
 }
 
 
