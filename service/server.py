@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.http_protocol import LimitedH11Protocol
+    from service.http_protocol import limited_protocol
 
     logging.getLogger("service").setLevel(settings.log_level.upper())
     uvicorn.run(
@@ -118,8 +118,8 @@ def main(args: argparse.Namespace) -> int:
         log_config=log_config(settings.log_level),
         # allow a request in flight (and its gallery fsync) to finish on Ctrl-C / SIGTERM
         timeout_graceful_shutdown=10,
-        # h11 with limits on the request head's size and arrival time (httptools has neither)
-        http=LimitedH11Protocol,
+        # limits on the request head's size and arrival time (uvicorn has neither)
+        http=limited_protocol(),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=settings.keep_alive_timeout,
     )
