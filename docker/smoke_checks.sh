@@ -85,10 +85,16 @@ check_service_image() {
 
 # phase "validate compose files": compose.yaml (with its train profile) and compose.gpu.yaml on top
 validate_compose_files() {
-    local gpu_config want
+    local gpu_config want services
     compose config -q
     log "compose.yaml: valid; services: $(compose config --services | tr '\n' ' ')"
-    compose --profile train config --services | grep -qx train || die "compose.yaml has no train service in the train profile"
+    # captured first: grep -q stops reading at the match, and the writer's SIGPIPE would fail the pipe
+    services=$(compose --profile train --profile scale config --services)
+    grep -qx train <<<"$services" || die "compose.yaml has no train service in the train profile"
+    for want in milvus replica-a replica-b lb; do
+        grep -qx "$want" <<<"$services" || die "compose.yaml has no $want service in the scale profile"
+    done
+    log "compose.yaml profile scale: valid; services: $(grep -E '^(milvus|replica-.|lb)$' <<<"$services" | tr '\n' ' ')"
     gpu_config=$("${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$REPO" -f "$REPO/compose.yaml" -f "$REPO/compose.gpu.yaml" --profile train config)
     for want in "driver: nvidia" "capabilities:" "DINO_PROVIDER: cuda" "CUDA_LIBS:"; do
         grep -q "$want" <<<"$gpu_config" || die "compose.yaml + compose.gpu.yaml: '$want' missing"
