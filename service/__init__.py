@@ -15,6 +15,6 @@ Stands on the torch-free core (:mod:`dino`), never imports ``training`` or torch
 - ``index_cli``     ``dino index build``
 - ``overlay``       the attention heatmap PNG
 - ``metrics``       Prometheus metrics
-- ``http_protocol`` uvicorn's HTTP protocols with request-head limits
+- ``http_protocol`` uvicorn's httptools protocol with request-head limits
 - ``memory``        large freed blocks back to the system
 """

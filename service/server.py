@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.http_protocol import limited_protocol
+    from service.http_protocol import LimitedHttpToolsProtocol
 
     logging.getLogger("service").setLevel(settings.log_level.upper())
     uvicorn.run(
@@ -119,8 +119,7 @@ def main(args: argparse.Namespace) -> int:
         # allow a request in flight (and its gallery fsync) to finish on Ctrl-C / SIGTERM
         timeout_graceful_shutdown=10,
         # limits on the request head's size and arrival time (uvicorn has neither)
-        http=limited_protocol(),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
+        http=LimitedHttpToolsProtocol,
         timeout_keep_alive=settings.keep_alive_timeout,
     )
     return 0
