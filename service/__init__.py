@@ -17,4 +17,5 @@ Stands on the torch-free core (:mod:`dino`), never imports ``training`` or torch
 - ``metrics``       Prometheus metrics
 - ``http_protocol`` uvicorn's httptools protocol with request-head limits
 - ``memory``        large freed blocks back to the system
+- ``durable``       crash-safe file writes (gallery folder, dino embed)
 """

@@ -76,11 +76,12 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files
+from service.durable import fsync_dir, write_file_durably
 from service.index_cli import label_of
 from service.preprocess import Preprocessor
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
-from service.state import l2_normalize
+from service.state import embed_tensors
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,6 @@ def prepare_file(preprocessor: Preprocessor, path: Path) -> tuple[np.ndarray | N
         return None, f"cannot read the file: {exc.strerror or exc}"
 
 
-def embed_tensors(model: OnnxModel, tensors: np.ndarray) -> np.ndarray:
-    """L2-normalised [CLS] embeddings [B, D] of model inputs [B, 3, H, W] (as POST /embed answers them)."""
-    return l2_normalize(model.run(tensors, ["embedding"])["embedding"])
-
-
 def rows_table(ids: Sequence[str], paths: Sequence[str], labels: Sequence[str | None], embeddings: np.ndarray):
     """A :data:`SCHEMA` table of rows (``embeddings`` [B, D] float32)."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -292,7 +288,7 @@ class EmbeddingDataset:
             "label": "the image's subfolder below the images folder, null at its top level",
             "columns": [f"{f.name}: {f.type}" for f in SCHEMA],
         }
-        write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_file_durably(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
 
     def _clean_up(self) -> None:
         """Remove temporary files and adopt the whole files of interrupted Ray jobs."""
@@ -364,32 +360,13 @@ class EmbeddingDataset:
         """Replace the sidecar with this run's unreadable files (JSON lines: any file name fits)."""
         lines = "".join(json.dumps({"path": s.path, "reason": s.reason}) + "\n" for s in skipped)
         path = self.path / SKIPPED_FILE
-        write_atomically(path, lines.encode())
+        write_file_durably(path, lines.encode())
         return path
 
     def close(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------

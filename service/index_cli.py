@@ -29,7 +29,7 @@ from service.gallery.factory import open_faiss_index
 from service.preprocess import Preprocessor, make_thumbnail
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
-from service.state import l2_normalize
+from service.state import embed_tensors
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_index(
                 skipped += len(batch) - len(good)
                 if good:
                     tensors = np.stack([prepared.tensor for _, prepared, _ in good])
-                    embeddings = l2_normalize(model.run(tensors, ["embedding"])["embedding"])
+                    embeddings = embed_tensors(model, tensors)
                     index.add(
                         embeddings,
                         [label_of(path, images_dir) for path, _, _ in good],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import math
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
@@ -263,33 +262,10 @@ async def attention_of_stored(
     return await _attention_answer(state, prepared, head, format, threshold)
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with what JSON cannot carry replaced: non-finite numbers by null, text that is not
-    valid Unicode (lone surrogates) by U+FFFD. New gallery entries are refused at the door when they
-    hold either; this keeps answers about entries stored before that check from failing. Iterative."""
-    root: list[Any] = [value]
-    stack: list[tuple[Any, Any]] = [(root, 0)]
-    while stack:
-        parent, key = stack.pop()
-        item = parent[key]
-        if isinstance(item, float) and not math.isfinite(item):
-            parent[key] = None
-        elif isinstance(item, str):
-            # UTF-16 with surrogatepass round-trips valid text and turns a lone surrogate into U+FFFD
-            parent[key] = item.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        elif isinstance(item, list):
-            item = parent[key] = list(item)
-            stack.extend((item, i) for i in range(len(item)))
-        elif isinstance(item, dict):
-            item = parent[key] = {json_safe(k): v for k, v in item.items()}
-            stack.extend((item, k) for k in item)
-    return root[0]
-
-
 def _neighbors_body(state: ServiceState, query: np.ndarray, k: int, exclude: str | None) -> dict:
     found = state.gallery.search(query, k, exclude=exclude)
     neighbors = [{"id": n.id, "score": n.score, "label": n.label, "metadata": n.metadata} for n in found]
-    return {"neighbors": json_safe(neighbors)}
+    return {"neighbors": neighbors}
 
 
 KQuery = Annotated[int, Query(ge=1, description="number of neighbours")]
@@ -377,7 +353,7 @@ async def index_items(
     if limit > state.settings.max_page_size:
         raise HTTPException(status_code=422, detail=f"limit must be at most {state.settings.max_page_size}")
     total, items = await state.run_gallery(state.gallery.items, offset, limit)
-    return JSONResponse({"total": total, "offset": offset, "items": json_safe(items)})
+    return JSONResponse({"total": total, "offset": offset, "items": items})
 
 
 @api_router.delete(

@@ -50,6 +50,11 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, NORM_EPSILON)
 
 
+def embed_tensors(model: OnnxModel, tensors: np.ndarray) -> np.ndarray:
+    """L2-normalised [CLS] embeddings [B, D] of model inputs [B, 3, H, W] (as POST /embed answers them)."""
+    return l2_normalize(model.run(tensors, ["embedding"])["embedding"])
+
+
 @dataclass
 class ServiceState:
     """Everything a request handler needs."""

@@ -33,21 +33,11 @@ def collapse_metrics(
     prototypes is a sum of K tiny terms that bf16 would not resolve.
     """
     with torch.autocast(teacher_output.device.type, enabled=False):
-        return _collapse_metrics_fp32(student_global, teacher_output, center, teacher_temp, student_temp)
-
-
-def _collapse_metrics_fp32(
-    student_global: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-) -> tuple[float, float]:
-    teacher_logp = F.log_softmax((teacher_output.float() - center.float()) / teacher_temp, dim=-1)
-    student_logp = F.log_softmax(student_global.float() / student_temp, dim=-1)
-    teacher_p = teacher_logp.exp()
-    entropy = -(teacher_p * teacher_logp).sum(-1).mean()
-    kl = (teacher_p * (teacher_logp - student_logp)).sum(-1).mean()
+        teacher_logp = F.log_softmax((teacher_output.float() - center.float()) / teacher_temp, dim=-1)
+        student_logp = F.log_softmax(student_global.float() / student_temp, dim=-1)
+        teacher_p = teacher_logp.exp()
+        entropy = -(teacher_p * teacher_logp).sum(-1).mean()
+        kl = (teacher_p * (teacher_logp - student_logp)).sum(-1).mean()
     return entropy.item(), kl.item()
 
 

@@ -19,6 +19,7 @@ digits) so that re-running a job does not add the same images twice.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -29,6 +30,30 @@ from typing import Any, TypeGuard
 import numpy as np
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with what JSON cannot carry replaced: non-finite numbers by null, text that is not
+    valid Unicode (lone surrogates) by U+FFFD. New gallery entries are refused at the door when they
+    hold either; the FAISS store passes what it loads from disk through this, so that entries stored
+    before that check cannot break later answers. Iterative: no recursion limit."""
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        parent, key = stack.pop()
+        item = parent[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            parent[key] = None
+        elif isinstance(item, str):
+            # UTF-16 with surrogatepass round-trips valid text and turns a lone surrogate into U+FFFD
+            parent[key] = item.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        elif isinstance(item, list):
+            item = parent[key] = list(item)
+            stack.extend((item, i) for i in range(len(item)))
+        elif isinstance(item, dict):
+            item = parent[key] = {json_safe(k): v for k, v in item.items()}
+            stack.extend((item, k) for k in item)
+    return root[0]
 
 
 class GalleryError(Exception):

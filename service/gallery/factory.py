@@ -47,8 +47,7 @@ def open_milvus_gallery(settings: ServiceSettings, model: OnnxModel, **overrides
         ) from exc
     from service.gallery.milvus_store import MilvusGallery
 
-    if not settings.milvus_uri:
-        raise GalleryError("DINO_GALLERY=milvus needs DINO_MILVUS_URI (a Milvus server URI or a path ending in .db)")
+    assert settings.milvus_uri, "ServiceSettings refuses DINO_GALLERY=milvus without DINO_MILVUS_URI"
     token = settings.milvus_token.get_secret_value() if settings.milvus_token is not None else None
     options: dict[str, Any] = dict(
         collection=settings.milvus_collection,

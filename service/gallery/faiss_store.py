@@ -39,9 +39,7 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
-import uuid
 import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -51,6 +49,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from service.durable import fsync_dir, write_file_durably
 from service.gallery.base import (
     Gallery,
     GalleryError,
@@ -59,6 +58,7 @@ from service.gallery.base import (
     UnknownImageError,
     check_new_entries,
     is_valid_image_id,
+    json_safe,
 )
 
 log = logging.getLogger(__name__)
@@ -81,33 +81,6 @@ _OWN_NAME_RE = re.compile(r"^(snapshot-\d{6,}|journal-\d{6,}\.log|images|\.lock|
 # --------------------------------------------------------------------------------------------------
 # Small durable-file helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable (no-op where directories cannot be opened)."""
-    if sys.platform.startswith("win"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Atomically replace ``path`` with ``data``: temporary file, fsync, rename (+ fsync of the folder)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
@@ -380,6 +353,12 @@ class EmbeddingIndex(Gallery):
 
     # ------------------------------------------------------------------ writes
 
+    def _refuse_taken_ids(self, new_ids: Sequence[str]) -> None:
+        with self._lock:
+            taken = [i for i in new_ids if i in self._row]
+        if taken:
+            raise ValueError(f"id {taken[0]} is already in the gallery")
+
     def add(
         self,
         embeddings: np.ndarray,
@@ -399,10 +378,7 @@ class EmbeddingIndex(Gallery):
         if n == 0:
             return batch.ids
         if ids is not None:
-            with self._lock:
-                taken = [i for i in batch.ids if i in self._row]
-            if taken:
-                raise ValueError(f"id {taken[0]} is already in the gallery")
+            self._refuse_taken_ids(batch.ids)  # early, before any image is written
         if self.path is not None and batch.images is not None:
             # images first: a journal entry must never point at a missing image
             images_dir = self.path / IMAGES_DIR
@@ -411,6 +387,8 @@ class EmbeddingIndex(Gallery):
             fsync_dir(images_dir)
         with self._lock:
             self.check_writable()
+            if ids is not None:
+                self._refuse_taken_ids(batch.ids)  # again under the write lock: a concurrent add may have taken them
             if self.path is not None:
                 lines = b"".join(
                     _encode_journal_line(
@@ -567,8 +545,8 @@ class EmbeddingIndex(Gallery):
                 self._faiss.add(vectors)
         for row, entry in enumerate(entries):
             self._ids.append(entry["id"])
-            self._labels.append(entry.get("label"))
-            self._metadata.append(entry.get("metadata"))
+            self._labels.append(json_safe(entry.get("label")))
+            self._metadata.append(json_safe(entry.get("metadata")))
             self._alive.append(True)
             self._row[entry["id"]] = row
         self._generation = generation
@@ -645,7 +623,8 @@ class EmbeddingIndex(Gallery):
             except (KeyError, ValueError, TypeError):
                 return False
             if image_id not in self._row:
-                self._apply_add([image_id], [record.get("label")], [record.get("metadata")], vector[None])
+                label, meta = json_safe(record.get("label")), json_safe(record.get("metadata"))
+                self._apply_add([image_id], [label], [meta], vector[None])
             return True
         if record.get("op") == "delete":
             self._apply_delete(image_id)

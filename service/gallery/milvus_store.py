@@ -604,8 +604,9 @@ class MilvusGallery(Gallery):
             if stored:
                 self._forget(stored)
             raise
-        with self._state_lock:
-            self._size += len(rows)
+        if ids is None:  # new ids: each row is a new entry (given ids may replace rows: the next count says)
+            with self._state_lock:
+                self._size += len(rows)
         return batch.ids
 
     def _upsert(self, rows: list[dict], client: Any) -> None:
