@@ -24,7 +24,10 @@ import torch.nn as nn
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the processes, with the sum of the incoming gradients as the gradient: every rank's
-    input influences every rank's output, so every rank's loss contributes to its gradient."""
+    input influences every rank's output, so every rank's loss contributes to its gradient.
+
+    torch's own ``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated in
+    torch 2.14 (a FutureWarning at every call) in favour of a private module."""
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:

@@ -127,13 +127,15 @@ def load_downloaded_weights(
 def main(args: argparse.Namespace) -> int:
     configure_logging()
     output = Path(args.output)
-    official = OFFICIAL_WEIGHTS[args.release] if args.release else official_for_url(args.url) if args.url else None
+    # a release by name, or an official file named by its URL or by a local file's name
+    given = args.url or args.weights
+    official = OFFICIAL_WEIGHTS[args.release] if args.release else official_for_url(given) if given else None
     try:
         arch, patch_size = resolve_architecture(args, official)
     except UsageError as exc:
         print(f"dino import: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    url = official_url(official) if args.release and official else args.url
+    url = official_url(OFFICIAL_WEIGHTS[args.release]) if args.release else args.url
     try:
         if args.weights:
             backbone, provenance = load_backbone_weights(args.weights, arch, patch_size, args.image_size)

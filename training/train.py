@@ -41,6 +41,7 @@ from training.loss import DINOLoss
 from training.monitors import CollapseMonitor, collapse_metrics
 from training.multicrop import MultiCropWrapper
 from training.schedules import cosine_schedule, teacher_temp_schedule
+from training.weights import WeightsError
 
 log = logging.getLogger("dino.train")
 
@@ -544,11 +545,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except (
-        DataError,
-        DeviceError,
-        FloatingPointError,
-    ) as exc:  # no images / a non-finite loss: a message, not a traceback
+    # no images, no device, an unreadable checkpoint to resume, a non-finite loss: a message, not a traceback
+    except (DataError, DeviceError, WeightsError, FloatingPointError) as exc:
         print(f"dino train: {exc}", file=sys.stderr)
         return 1
     finally:
