@@ -58,6 +58,13 @@ def list_image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def label_of(path: Path, root: Path) -> str | None:
+    """The label of an image in a labelled folder: its subfolder path relative to the root ("cat",
+    "train/cat"); None for an image at the top level."""
+    parent = path.parent.relative_to(root)
+    return None if parent == Path(".") else parent.as_posix()
+
+
 Image.init()
 #: Pillow formats accepted from clients: pure raster decoders (no plugin that runs external programs)
 ACCEPTED_FORMATS = tuple(

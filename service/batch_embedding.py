@@ -75,9 +75,8 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from dino.images import IMAGE_EXTENSIONS, ImageInputError, list_image_files
+from dino.images import IMAGE_EXTENSIONS, ImageInputError, label_of, list_image_files
 from service.durable import fsync_dir, write_file_durably
-from service.index_cli import label_of
 from service.preprocess import Preprocessor
 from service.runtime import ModelLoadError, OnnxModel
 from service.settings import ModelNotFoundError, ServiceSettings
@@ -367,6 +366,63 @@ class EmbeddingDataset:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
+
+
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """A batch of rows of a dataset: ids, paths, labels and the embeddings [n, D] float32."""
+
+    ids: list[str]
+    paths: list[str]
+    labels: list[str | None]
+    embeddings: np.ndarray
+
+
+class StoredEmbeddings:
+    """A finished ``dino embed`` dataset, read back (``dino index build --embeddings``).
+
+    Reading needs no lock: data files only ever appear whole, so a reader sees the files finished
+    when it was opened even while another run adds more.
+    """
+
+    def __init__(self, path: Path):
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise EmbedError(f"{path} is not a dino embed output folder (no {MANIFEST_FILE})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            model = manifest["model"]
+            self.model_name, self.model_sha256, self.dim = str(model["name"]), str(model["sha256"]), int(model["dim"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EmbedError(f"{manifest_path} is unreadable ({exc})") from exc
+        self.path = path
+        self.files = sorted(
+            p for p in path.iterdir() if p.name.startswith(PART_PREFIX) and p.name.endswith(PARQUET_SUFFIX)
+        )
+        self.num_rows = 0
+        for file in self.files:
+            try:
+                parquet = pq.ParquetFile(file)
+            except (OSError, pa.ArrowException) as exc:
+                raise EmbedError(f"{file} is unreadable ({exc}); rerun dino embed on the same output") from exc
+            if not parquet.schema_arrow.equals(SCHEMA):
+                raise EmbedError(f"{file} does not have the columns of dino embed ({', '.join(SCHEMA.names)})")
+            self.num_rows += parquet.metadata.num_rows
+
+    def batches(self, rows: int) -> Iterator[EmbeddingRows]:
+        """The rows in batches of at most ``rows``, file by file."""
+        for file in self.files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=rows):
+                vectors = batch.column("embedding")
+                flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                if len(flat) != len(vectors) * self.dim:
+                    raise EmbedError(f"{file} holds embeddings that are not {self.dim}-d, as {MANIFEST_FILE} says")
+                yield EmbeddingRows(
+                    ids=batch.column("id").to_pylist(),
+                    paths=batch.column("path").to_pylist(),
+                    labels=batch.column("label").to_pylist(),
+                    embeddings=flat.reshape(len(vectors), self.dim),
+                )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The FAISS gallery (service.gallery.faiss_store): persistence, crash leftovers, safety, search, and the offline
-``dino index build`` command."""
+"""The FAISS gallery (service.gallery.faiss_store): persistence, crash leftovers, safety, search
+(``dino index build`` is in test_index_build.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from dino.cli import main as dino
-from service.app import create_app
 from service.gallery import (
     EmbeddingIndex,
     GalleryError,
@@ -22,8 +19,6 @@ from service.gallery import (
     UnknownImageError,
     is_valid_image_id,
 )
-from service.settings import ServiceSettings
-from tests.service.images import multipart, photo_paths
 
 DIM = 16
 SHA = "a" * 64
@@ -187,39 +182,6 @@ def test_read_only_gallery(tmp_path):
     reader.close()
     with pytest.raises(GalleryError, match="cannot create one"):
         open_index(tmp_path / "missing", read_only=True)
-
-
-def test_index_build_command_and_serving_its_output(model_dir, tmp_path, capsys):
-    photos = photo_paths()
-    images = tmp_path / "images"
-    for label, chosen in {"fish": photos[0:2], "birds": photos[10:13]}.items():
-        (images / label).mkdir(parents=True)
-        for path in chosen:
-            os.symlink(path, images / label / path.name)  # never copy the shared photos
-    (images / "birds" / "broken.jpg").write_bytes(b"not an image")
-    output = tmp_path / "gallery"
-    build = ["index", "build", "--model", str(model_dir), "--images", str(images), "--output", str(output)]
-    assert dino(build + ["--batch-size", "2"]) == 0
-    assert "indexed 5 images (1 skipped)" in capsys.readouterr().out
-    assert dino(build) == 1
-    assert "--append" in capsys.readouterr().err
-    index = EmbeddingIndex(output, dim=192, model_sha256=json.loads((model_dir / "model.json").read_text())["sha256"])
-    entries = [index.entry(i) for i in index.ids()]
-    index.close()
-    assert sorted(e["label"] for e in entries) == ["birds"] * 3 + ["fish"] * 2
-    assert {e["metadata"]["path"] for e in entries} == {f"fish/{p.name}" for p in photos[0:2]} | {
-        f"birds/{p.name}" for p in photos[10:13]
-    }
-
-    settings = ServiceSettings(model_dir=model_dir, index_dir=output, warmup_batches=1)
-    with TestClient(create_app(settings)) as client:
-        assert client.get("/index").json()["size"] == 5
-        best = client.post("/neighbors?k=1", files=multipart(photos[11].read_bytes())).json()["neighbors"][0]
-        assert (
-            best["label"] == "birds"
-            and best["metadata"]["path"] == f"birds/{photos[11].name}"
-            and best["score"] > 0.999
-        )
 
 
 def test_failed_journal_write_is_rolled_back(tmp_path, monkeypatch):
