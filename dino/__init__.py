@@ -5,6 +5,7 @@
 - ``attention``     [CLS] attention maps: head selection and DINO's mass threshold
 - ``data_dir``      where the real image data lives (``DINO_DATA_DIR``)
 - ``cli``           the ``dino`` command, which loads ``training`` or ``service`` per subcommand
+- ``client``        the Python client of the HTTP API (``DinoClient``, ``AsyncDinoClient``; needs httpx)
 
 It imports neither ``training`` nor ``service`` (nor torch): both stand on it.
 """

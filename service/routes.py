@@ -4,6 +4,7 @@ decoding, inference, rendering and gallery disk work all run off the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from pathlib import Path as FilePath
@@ -14,14 +15,13 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
+from starlette.convertors import Convertor, register_url_convertor
 
 from dino.attention import mass_threshold_mask, select_head
 from service.dependencies import get_state, require_api_key
 from service.overlay import render_overlay
 from service.preprocess import PreparedImage
 from service.schemas import (
-    ERROR_RESPONSES,
-    GALLERY_UNAVAILABLE,
     AttentionResponse,
     EmbedResponse,
     GalleryItemsResponse,
@@ -30,16 +30,48 @@ from service.schemas import (
     IndexDeleteResponse,
     IndexInfo,
     NeighborsResponse,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
     ReadyResponse,
 )
 from service.state import ServiceState, l2_normalize
-from service.uploads import SINGLE_IMAGE_FIELDS, parse_labels, parse_metadata, read_upload, single_image
+from service.uploads import (
+    SINGLE_IMAGE_FIELDS,
+    parse_labels,
+    parse_metadata,
+    read_openai_embedding_request,
+    read_upload,
+    single_image,
+)
 
 STATIC_DIR = FilePath(__file__).resolve().parent / "static"
 #: the files GET /static/{name} may serve (never a path built from client input)
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 ID_PATTERN = r"^[0-9a-f]{32}$"
 ImageId = Annotated[str, Path(pattern=ID_PATTERN, description="gallery image id (32 hex digits)")]
+
+
+class ImageIdConvertor(Convertor[str]):
+    """Routes match ``{image_id:image_id}`` only for a well-formed id, so that ``/index/items`` is
+    never taken for an image id (``DELETE /index/items`` is a 405, not a 422 about the id)."""
+
+    regex = ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("image_id", ImageIdConvertor())
+
+
+#: a 16x16 PNG as a data URL: the request examples of the OpenAPI document, which contract tests send
+EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAHUlEQVR42mNkYGgQYGAgHrEwCDCQBEY1jGoYOhoAH"
+    "goCnoxpJwYAAAAASUVORK5CYII="
+)
 
 
 def _images_body(single: bool, gallery: bool = False) -> dict:
@@ -58,10 +90,17 @@ def _images_body(single: bool, gallery: bool = False) -> dict:
             "type": "string",
             "description": "JSON object for all images, or a JSON list of objects (one per image)",
         }
-        json_props["labels"] = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "null"]}}]}
-        json_props["metadata"] = {
-            "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": ["object", "null"]}}]
+        json_props["labels"] = {
+            "description": "one label for all images, or one per image; null: none",
+            "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "null"]}}, {"type": "null"}],
         }
+        json_props["metadata"] = {
+            "description": "one JSON object for all images, or one per image; null: none",
+            "oneOf": [{"type": "object"}, {"type": "array", "items": {"type": ["object", "null"]}}, {"type": "null"}],
+        }
+    example: dict[str, Any] = {"images": [EXAMPLE_IMAGE]}
+    if gallery:
+        example.update(labels="example", metadata={"source": "the OpenAPI example"})
     note = "exactly one image" if single else "one or more images"
     return {
         "requestBody": {
@@ -69,7 +108,10 @@ def _images_body(single: bool, gallery: bool = False) -> dict:
             "description": f"{note}: multipart files in the field 'images', or JSON with base64 strings",
             "content": {
                 "multipart/form-data": {"schema": {"type": "object", "properties": multipart, "required": ["images"]}},
-                "application/json": {"schema": {"type": "object", "properties": json_props, "required": ["images"]}},
+                "application/json": {
+                    "schema": {"type": "object", "properties": json_props, "required": ["images"]},
+                    "example": example,
+                },
             },
         }
     }
@@ -102,7 +144,9 @@ def _check_k(k: int, state: ServiceState) -> None:
 health_router = APIRouter(tags=["health"])
 
 
-@health_router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+@health_router.get(
+    "/healthz", operation_id="healthz", response_model=HealthResponse, summary="Liveness: the process answers"
+)
 @health_router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict:
     return {"status": "alive"}
@@ -110,10 +154,7 @@ async def healthz() -> dict:
 
 @health_router.head("/readyz", include_in_schema=False)
 @health_router.get(
-    "/readyz",
-    response_model=ReadyResponse,
-    summary="Readiness: model loaded and warmed up",
-    responses={503: ERROR_RESPONSES[503]},
+    "/readyz", operation_id="readyz", response_model=ReadyResponse, summary="Readiness: model loaded and warmed up"
 )
 async def readyz(request: Request) -> dict:
     """503 while the model is not ready. A gallery whose backend is unreachable makes the answer
@@ -136,17 +177,18 @@ async def readyz(request: Request) -> dict:
 # the API (behind the API key when one is set)
 # --------------------------------------------------------------------------------------------------
 
-api_router = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERROR_RESPONSES[401]})
+# error answers are documented per route by service.openapi (which knows whether a key is set)
+api_router = APIRouter(dependencies=[Depends(require_api_key)])
 State = Annotated[ServiceState, Depends(get_state)]
 
 
 @api_router.post(
     "/embed",
+    operation_id="embed",
     tags=["features"],
     response_model=EmbedResponse,
     summary="[CLS] embeddings of one or more images",
     openapi_extra=_images_body(single=False),
-    responses={k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
 )
 async def embed(
     request: Request,
@@ -167,6 +209,58 @@ async def embed(
         if patch_tokens:
             body["patch_tokens"] = [r["patch_tokens"].tolist() for r in results]
         return body
+
+    return await _json_off_loop(state, build)
+
+
+OPENAI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": OpenAIEmbeddingRequest.model_json_schema(),
+                "example": {"input": [EXAMPLE_IMAGE], "model": None, "encoding_format": "float"},
+            }
+        },
+    }
+}
+
+
+@api_router.post(
+    "/v1/embeddings",
+    operation_id="embeddings_openai",
+    tags=["features"],
+    response_model=OpenAIEmbeddingResponse,
+    summary="[CLS] embeddings in the format of OpenAI's embeddings API (images as base64 or data URLs)",
+    openapi_extra=OPENAI_BODY,
+)
+async def embeddings_openai(request: Request, state: State) -> Response:
+    """For tooling written against OpenAI's embeddings API: same model, limits, batching and API key
+    as /embed; the embeddings are L2-normalised, as OpenAI's are."""
+    body = await read_openai_embedding_request(request, max_images=state.settings.max_images_per_request)
+    name, dim = state.model.name, state.model.spec.embed_dim
+    if body.model is not None and body.model != name:
+        raise HTTPException(
+            status_code=404, detail=f"model {body.model!r} is not served here; this server serves {name!r}"
+        )
+    if body.dimensions is not None and body.dimensions != dim:
+        raise HTTPException(
+            status_code=422, detail=f"dimensions must be {dim}, the model's embedding size (got {body.dimensions})"
+        )
+    prepared = await state.prepare(body.images, [""] * len(body.images))
+    embeddings = await state.embed(prepared)
+    rows, cols = state.model.spec.grid
+    tokens = len(prepared) * (rows * cols + 1)
+
+    def build() -> dict:
+        vectors = np.asarray(embeddings, dtype=np.float32)  # L2-normalised by state.embed
+        if body.encoding_format == "base64":
+            encoded: list = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            encoded = vectors.tolist()
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": name, "usage": usage}
 
     return await _json_off_loop(state, build)
 
@@ -214,11 +308,12 @@ ATTENTION_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @api_router.post(
     "/attention",
+    operation_id="attention",
     tags=["features"],
     summary="DINO [CLS] attention map of one image",
     openapi_extra=_images_body(single=True),
     response_class=Response,
-    responses={**ATTENTION_RESPONSES, **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)}},
+    responses=ATTENTION_RESPONSES,
 )
 async def attention(
     request: Request,
@@ -245,11 +340,12 @@ async def _stored_crop(state: ServiceState, image_id: str) -> PreparedImage:
 
 
 @api_router.get(
-    "/attention/{image_id}",
+    "/attention/{image_id:image_id}",
+    operation_id="attention_of_stored",
     tags=["features"],
     summary="DINO [CLS] attention map of a gallery image (openable by URL)",
     response_class=Response,
-    responses={**ATTENTION_RESPONSES, 404: {"description": "no such gallery image"}, 503: GALLERY_UNAVAILABLE},
+    responses=ATTENTION_RESPONSES,
 )
 async def attention_of_stored(
     image_id: ImageId,
@@ -273,11 +369,11 @@ KQuery = Annotated[int, Query(ge=1, description="number of neighbours")]
 
 @api_router.post(
     "/neighbors",
+    operation_id="neighbors",
     tags=["gallery"],
     response_model=NeighborsResponse,
     summary="Nearest gallery images of one image",
     openapi_extra=_images_body(single=True),
-    responses={k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
 )
 async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
     _check_k(k, state)
@@ -290,11 +386,11 @@ async def neighbors(request: Request, state: State, k: KQuery = 10) -> Response:
 
 
 @api_router.get(
-    "/neighbors/{image_id}",
+    "/neighbors/{image_id:image_id}",
+    operation_id="neighbors_of_stored",
     tags=["gallery"],
     response_model=NeighborsResponse,
     summary="Nearest gallery images of a gallery image (itself excluded)",
-    responses={404: {"description": "no such gallery image"}, 503: GALLERY_UNAVAILABLE},
 )
 async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -> Response:
     _check_k(k, state)
@@ -304,14 +400,11 @@ async def neighbors_of_stored(image_id: ImageId, state: State, k: KQuery = 10) -
 
 @api_router.post(
     "/index",
+    operation_id="index_add",
     tags=["gallery"],
     response_model=IndexAddResponse,
     summary="Add images to the gallery (answered once durable)",
     openapi_extra=_images_body(single=False, gallery=True),
-    responses={
-        409: {"description": "the gallery is read-only"},
-        **{k: ERROR_RESPONSES[k] for k in (413, 415, 422, 503)},
-    },
 )
 async def index_add(request: Request, state: State) -> dict:
     state.gallery.check_writable()  # before any upload is read or image decoded
@@ -329,10 +422,10 @@ async def index_add(request: Request, state: State) -> dict:
 
 @api_router.get(
     "/index",
+    operation_id="index_info",
     tags=["gallery"],
     response_model=IndexInfo,
     summary="Gallery size, dimension, model, backend and index type",
-    responses={503: GALLERY_UNAVAILABLE},
 )
 async def index_info(state: State) -> dict:
     return await state.run_gallery(state.gallery.info)
@@ -340,10 +433,10 @@ async def index_info(state: State) -> dict:
 
 @api_router.get(
     "/index/items",
+    operation_id="index_items",
     tags=["gallery"],
     response_model=GalleryItemsResponse,
     summary="The gallery's entries (id, label, metadata), a page at a time, in the order they were added",
-    responses={503: GALLERY_UNAVAILABLE},
 )
 async def index_items(
     state: State,
@@ -357,15 +450,11 @@ async def index_items(
 
 
 @api_router.delete(
-    "/index/{image_id}",
+    "/index/{image_id:image_id}",
+    operation_id="index_delete",
     tags=["gallery"],
     response_model=IndexDeleteResponse,
     summary="Remove an image from the gallery",
-    responses={
-        404: {"description": "no such gallery image"},
-        409: {"description": "the gallery is read-only"},
-        503: GALLERY_UNAVAILABLE,
-    },
 )
 async def index_delete(image_id: ImageId, state: State) -> dict:
     await state.run_gallery(state.gallery.delete, image_id)
@@ -374,15 +463,12 @@ async def index_delete(image_id: ImageId, state: State) -> dict:
 
 
 @api_router.get(
-    "/index/{image_id}/image",
+    "/index/{image_id:image_id}/image",
+    operation_id="index_image",
     tags=["gallery"],
     summary="The stored gallery image (the model's centre crop, JPEG)",
     response_class=Response,
-    responses={
-        200: {"content": {"image/jpeg": {}}},
-        404: {"description": "no such gallery image"},
-        503: GALLERY_UNAVAILABLE,
-    },
+    responses={200: {"content": {"image/jpeg": {}}}},
 )
 async def index_image(image_id: ImageId, state: State) -> Response:
     data = await state.run_gallery(state.gallery.read_image, image_id)
@@ -390,7 +476,9 @@ async def index_image(image_id: ImageId, state: State) -> Response:
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
-@api_router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+@api_router.get(
+    "/metrics", operation_id="metrics", tags=["health"], summary="Prometheus metrics", response_class=Response
+)
 async def metrics(request: Request) -> Response:
     state: ServiceState | None = request.app.state.service
     registry = request.app.state.metrics

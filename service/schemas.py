@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 
 class ErrorResponse(BaseModel):
-    """Every error answer: ``{"detail": ...}``."""
+    """Every error answer: ``{"detail": "<message>"}`` (:func:`error_body`)."""
 
-    detail: Any = Field(description="what went wrong (a message, or a list of validation errors)")
+    detail: str = Field(description="what went wrong, in one message")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(ErrorResponse):
+    """The errors of the OpenAI-style routes (``/v1/...``): ``detail`` as everywhere, plus OpenAI's
+    ``error`` object, whose message OpenAI's clients show."""
+
+    error: OpenAIError
+
+
+#: path prefix of the routes that follow OpenAI's API
+OPENAI_PREFIX = "/v1/"
+#: OpenAI's error type for each status
+OPENAI_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_body(path: str, status: int, detail: str) -> dict[str, Any]:
+    """The JSON of an error answer to a request for ``path``: ``{"detail": ...}``, and on the
+    OpenAI-style routes also ``{"error": {"message", "type", "param", "code"}}``."""
+    body: dict[str, Any] = {"detail": detail}
+    if path.startswith(OPENAI_PREFIX):
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        body["error"] = {"message": detail, "type": kind, "param": None, "code": None}
+    return body
 
 
 class EmbedResponse(BaseModel):
@@ -95,14 +125,38 @@ class ReadyResponse(BaseModel):
     missing: list[str] = Field(default_factory=list, description="what does not work now, and why")
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "missing or invalid API key (when DINO_API_KEY is set)"},
-    413: {"model": ErrorResponse, "description": "body, image or image count over the limits"},
-    415: {"model": ErrorResponse, "description": "not an image, or an unsupported content type"},
-    422: {"model": ErrorResponse, "description": "invalid parameters or corrupt image"},
-    503: {"model": ErrorResponse, "description": "model not ready, inference queue full or gallery unavailable"},
-}
-GALLERY_UNAVAILABLE: dict[str, Any] = {
-    "model": ErrorResponse,
-    "description": "the gallery's backend (Milvus) cannot be reached right now; retry after Retry-After seconds",
-}
+# --------------------------------------------------------------------------------------------------
+# POST /v1/embeddings: OpenAI's embeddings API
+# --------------------------------------------------------------------------------------------------
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """The request body of ``POST /v1/embeddings`` (documentation; :mod:`service.uploads` parses it)."""
+
+    input: str | list[str] = Field(
+        description="one image or a list of images, each base64 or a data:image/...;base64, URL"
+    )
+    model: str | None = Field(None, description="the served model's name (GET /index or /readyz); optional")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: a list of numbers; base64: the little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(None, description="must equal the model's embedding dimension when given")
+    user: str | None = Field(None, description="accepted and ignored")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="position of the image in the input")
+    embedding: list[float] | str = Field(description="the L2-normalised [CLS] embedding (base64 with encoding_format)")
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="tokens the Vision Transformer processed: per image, its patches and [CLS]")
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage

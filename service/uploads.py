@@ -7,6 +7,8 @@ Two body formats are accepted by every image route:
 - ``application/json``: ``{"images": ["<base64>", ...]}`` (a ``data:image/...;base64,`` prefix is
   allowed), plus ``labels``/``metadata`` for ``POST /index``.
 
+``POST /v1/embeddings`` takes OpenAI's embeddings request instead (:func:`read_openai_embedding_request`).
+
 The body size is capped by :class:`BodySizeLimitMiddleware` while it is received: a declared
 ``Content-Length`` above the limit is refused before reading anything, and a body that streams past
 the limit (chunked upload, lying header) is cut off as soon as it does, without buffering the rest.
@@ -25,6 +27,8 @@ from typing import Any
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.schemas import error_body
 
 MULTIPART = "multipart/form-data"
 JSON_TYPES = ("application/json",)
@@ -73,10 +77,10 @@ class BodySizeLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _send_json(send, 400, "invalid Content-Length header")
+                    await _send_json(send, scope, 400, "invalid Content-Length header")
                     return
         if declared is not None and declared > self.max_bytes:
-            await _send_json(send, 413, BodyTooLarge(self.max_bytes).detail)
+            await _send_json(send, scope, 413, BodyTooLarge(self.max_bytes).detail)
             return
         received = 0
         body_complete = False
@@ -101,8 +105,8 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send, scope, status: int, detail: str) -> None:
+    body = json.dumps(error_body(scope.get("path", ""), status, detail)).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -273,17 +277,77 @@ async def _read_json(request: Request, max_images: int) -> Upload:
     encoded = data[IMAGES_FIELD]
     if len(encoded) > max_images:
         raise UploadError(f"too many images: {len(encoded)}, at most {max_images} per request", status_code=413)
-    images = []
-    for i, item in enumerate(encoded):
-        if not isinstance(item, str):
-            raise UploadError(f"images[{i}] must be a base64 string")
-        if item.startswith("data:") and "," in item:  # data URL from a browser: data:image/png;base64,....
-            item = item.split(",", 1)[1]
-        try:
-            images.append(base64.b64decode("".join(item.split()), validate=True))
-        except (binascii.Error, ValueError) as exc:
-            raise UploadError(f"images[{i}] is not valid base64: {exc}") from exc
+    images = [decode_base64_image(item, f"images[{i}]") for i, item in enumerate(encoded)]
     return Upload(images=images, names=[""] * len(images), json_body=data)
+
+
+def decode_base64_image(item: object, where: str) -> bytes:
+    """The bytes of a base64 image string (a ``data:image/...;base64,`` URL is fine); 422 otherwise."""
+    if not isinstance(item, str):
+        raise UploadError(f"{where} must be a base64 string")
+    if item.startswith("data:") and "," in item:  # data URL from a browser: data:image/png;base64,....
+        item = item.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(item.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UploadError(f"{where} is not valid base64: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddingInput:
+    """A checked ``POST /v1/embeddings`` request: the images and the options."""
+
+    images: list[bytes]
+    model: str | None
+    encoding_format: str
+    dimensions: int | None
+
+
+#: the request fields of OpenAI's embeddings API that this route understands
+OPENAI_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
+OPENAI_ENCODINGS = ("float", "base64")
+
+
+async def read_openai_embedding_request(request: Request, *, max_images: int) -> OpenAIEmbeddingInput:
+    """Parse ``POST /v1/embeddings``: JSON ``{"input": <image> | [<image>, ...], "model": ...,
+    "encoding_format": "float" | "base64", "dimensions": ..., "user": ...}``, each image a
+    ``data:image/...;base64,`` URL or plain base64."""
+    media_type = _media_type(request)
+    if media_type not in JSON_TYPES and not media_type.endswith("+json"):
+        raise UploadError(
+            f"unsupported content type {media_type or '(none)'!r}: send application/json "
+            '{"input": ["data:image/jpeg;base64,..."], "model": "..."}',
+            status_code=415,
+        )
+    body = await request.body()
+    try:
+        data = strict_json_loads(body) if body else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UploadError(f"invalid JSON body: {exc}") from exc
+    if not isinstance(data, dict) or "input" not in data:
+        raise UploadError('JSON body must be an object with "input": an image (base64 or data URL) or a list of them')
+    unknown = sorted(set(data) - OPENAI_FIELDS)
+    if unknown:
+        raise UploadError(f"unknown field {unknown[0]!r}: this route takes {', '.join(sorted(OPENAI_FIELDS))}")
+    raw = data["input"]
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise UploadError('"input" must be an image (base64 or data URL) or a non-empty list of them')
+    if len(items) > max_images:
+        raise UploadError(f"too many images: {len(items)}, at most {max_images} per request", status_code=413)
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise UploadError('"model" must be a string')
+    encoding = data.get("encoding_format", "float")
+    if encoding not in OPENAI_ENCODINGS:
+        raise UploadError(f'"encoding_format" must be one of {", ".join(OPENAI_ENCODINGS)}')
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)):
+        raise UploadError('"dimensions" must be an integer')
+    if data.get("user") is not None and not isinstance(data["user"], str):
+        raise UploadError('"user" must be a string')
+    images = [decode_base64_image(item, f"input[{i}]") for i, item in enumerate(items)]
+    return OpenAIEmbeddingInput(images=images, model=model, encoding_format=encoding, dimensions=dimensions)
 
 
 def single_image(upload: Upload) -> bytes:

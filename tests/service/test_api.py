@@ -336,9 +336,9 @@ def test_bad_inputs_are_refused_with_json_4xx(client):
             {422},
         ),
         ("unknown id", client.get(f"/index/{'0' * 32}/image"), {404}),
-        ("malformed id", client.get("/index/not-an-id/image"), {422}),
+        ("malformed id", client.get("/index/not-an-id/image"), {404}),
         ("path traversal id", client.get("/index/..%2F..%2Fetc%2Fpasswd/image"), {404, 422}),
-        ("upper-case id", client.delete(f"/index/{'A' * 32}"), {422}),
+        ("upper-case id", client.delete(f"/index/{'A' * 32}"), {404}),
         ("unknown route", client.get("/nope"), {404}),
     ]
     for name, response, accepted in others:
