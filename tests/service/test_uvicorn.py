@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dino.client import DinoAPIError, DinoClient
 from tests.helpers import ServerProcess
 from tests.service.images import multipart, photo_bytes
 
@@ -141,10 +142,17 @@ def test_kill9_during_a_stream_of_index_adds_loses_no_acknowledged_add(model_dir
 
     server = ServerProcess(model_dir, tmp_path / "server-final.log", index_dir=gallery, env=env).start()
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            size = http.get("/index").json()["size"]
-            missing = [i for i in acknowledged if http.get(f"/index/{i}/image").status_code != 200]
-            searchable = sum(http.get(f"/neighbors/{i}?k=1").status_code == 200 for i in acknowledged)
+        with DinoClient(server.url, timeout=30) as dino:
+            size = dino.info().size
+
+            def stored(image_id: str) -> bool:
+                try:
+                    return bool(dino.image(image_id))
+                except DinoAPIError:
+                    return False
+
+            missing = [i for i in acknowledged if not stored(i)]
+            searchable = sum(len(dino.neighbors_of(i, k=1)) == 1 for i in acknowledged if i not in missing)
         print(
             f"\ncrash test: {kills} x kill -9, {len(acknowledged)} adds acknowledged, "
             f"{len(acknowledged) - len(missing)} found after restart ({searchable} searchable), "
