@@ -133,6 +133,12 @@ def index_params(index_type: str, overrides: dict[str, Any] | None, hnsw_m: int,
     if index_type == "HNSW":
         params.update(M=hnsw_m, efConstruction=hnsw_ef_construction)
     params.update(overrides or {})
+    # pymilvus 3 sends these as separate keys, which a Milvus server reads; Milvus Lite 3.2 reads only a
+    # "params" key and silently builds with its own defaults (HNSW M 16) without it. A server also
+    # reads that legacy key, so both carry the same values.
+    build = {key: value for key, value in params.items() if key != "params"}
+    if build:
+        params["params"] = {**build, **(params.get("params") or {})}
     return params
 
 

@@ -149,6 +149,23 @@ def test_milvus_limits_are_refused_before_anything_is_stored(tmp_path):
         gallery.close()
 
 
+def test_milvus_lite_builds_hnsw_with_the_configured_parameters(tmp_path):
+    """pymilvus 3 sends build parameters as separate keys, which Milvus Lite ignores (it built M 16
+    whatever DINO_HNSW_M said): the collection's own record must show the configured graph."""
+    from service.gallery.milvus_store import MilvusGallery
+
+    gallery = MilvusGallery(
+        str(tmp_path / "g.db"), dim=DIM, model_sha256=SHA, model_name="m", hnsw_m=8, hnsw_ef_construction=40
+    )
+    try:
+        gallery.add(unit_vectors(20))
+    finally:
+        gallery.close()
+    (manifest,) = (tmp_path / "g.db").glob("collections/*/manifest.json")
+    spec = json.loads(manifest.read_text())["index_specs"]["embedding"]
+    assert spec["index_type"] == "HNSW" and spec["build_params"] == {"M": 8, "efConstruction": 40}
+
+
 def test_a_foreign_milvus_collection_is_refused(tmp_path):
     from pymilvus import MilvusClient
 
