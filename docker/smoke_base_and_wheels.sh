@@ -5,11 +5,13 @@
 #   - the base image $BASE_TAG: debootstrap --variant=minbase bookworm from $MIRROR, docker import
 #     (the tarball is cached in $CACHE/base)
 #   - the python image $PY_TAG on top of it: Debian's python3, python3-venv, python3-pip
+#   - the nginx image $LB_TAG on top of it: Debian's nginx, the stand-in for nginx:alpine (the
+#     load balancer of compose.yaml's profile scale)
 #   - the wheels: pip download on the host for the images' python (cp311, manylinux x86_64), cached
 #     in $CACHE/wheels and hard-linked into docker/wheels/NAME (removed again by the teardown)
 #
 # Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR MIRROR PYTHON DOCKER
-# PY_VERSION BASE_TAG PY_TAG WITH_GPU WITH_TRAIN IN_REPO; log, die.
+# PY_VERSION BASE_TAG PY_TAG LB_TAG WITH_GPU WITH_TRAIN IN_REPO WORK; log, die.
 
 # The Debian archive that this machine's apt uses for the suite $1 (deb822 .sources stanzas, then
 # one-line .list entries), so that the repository names no package host. Prints nothing if none.
@@ -82,6 +84,32 @@ EOF
     log "$PY_TAG: $("$DOCKER" run --rm --network none "$PY_TAG" python3 -c 'import sys, venv; print("python", sys.version.split()[0])')"
 }
 
+# phase "build scale-out images": the stand-in for nginx:alpine, Debian's nginx from the Debian mirror
+# (network: the host's, as for the python image; the layers stay in the daemon's cache, so a rerun
+# needs none). compose.yaml's lb command writes /etc/nginx/conf.d/default.conf and execs
+# `nginx -g 'daemon off;'`: Debian's nginx.conf includes conf.d/*.conf like the official image's, and
+# sites-enabled/* too, whose default site (ports 80 and [::]:80) is removed: in the official image that
+# default.conf replaces the port-80 site, so that both serve port 8080 only. The logs go to the
+# container's stdout and stderr (compose logs), as in the official image.
+build_lb_image() {
+    log "$LB_TAG: Debian's nginx on $BASE_TAG (docker build --network host; log: $LOG_DIR/lb-image.log)"
+    "$DOCKER" build --network host -t "$LB_TAG" - >"$LOG_DIR/lb-image.log" 2>&1 <<EOF ||
+FROM $BASE_TAG
+RUN apt-get update \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \\
+ && rm -f /etc/nginx/sites-enabled/default \\
+ && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
+EXPOSE 8080
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+EOF
+        { tail -n 30 "$LOG_DIR/lb-image.log" >&2; die "building $LB_TAG failed"; }
+    "$DOCKER" run --rm --network none "$LB_TAG" sh -c 'nginx -v && nginx -t' >"$WORK/nginx-t.txt" 2>&1 ||
+        { cat "$WORK/nginx-t.txt" >&2; die "$LB_TAG: nginx -t failed"; }
+    log "$LB_TAG: $(grep -o 'nginx/[0-9.]*' "$WORK/nginx-t.txt" | head -n 1), nginx -t: ok, size $("$DOCKER" image inspect -f '{{.Size}}' "$LB_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
 # ---------------------------------------------------------------------------------------------
 # wheels: pip download on the host for the images' python (cp311, manylinux x86_64)
 # ---------------------------------------------------------------------------------------------
@@ -134,13 +162,16 @@ wheels() {   # wheels NAME REQUIREMENT...: cached download, linked to docker/whe
     log "$name: docker/wheels/$name: $(ls "$target" | wc -l) wheels, $(du -sh "$target" | cut -f1)"
 }
 
-# phase "wheels (pip download)": docker/wheels/serve (and serve-gpu, train with --with-gpu-image,
-# --with-train); sets TORCH_PINS (from the Makefile) for the training image
+# phase "wheels (pip download)": docker/wheels/serve, docker/wheels/serve-milvus (the serve and milvus
+# extras, for compose.yaml's profile scale) and, with --with-gpu-image and --with-train, serve-gpu and
+# train; sets TORCH_PINS (from the Makefile) for the training image
 download_wheels() {
-    local serve_reqs train_reqs
+    local serve_reqs milvus_reqs train_reqs
     platform_args
     mapfile -t serve_reqs < <(requirements serve)
     wheels serve "${serve_reqs[@]}"
+    mapfile -t milvus_reqs < <(requirements serve milvus)
+    wheels serve-milvus "${milvus_reqs[@]}"
     if [ "$WITH_GPU" -eq 1 ]; then wheels serve-gpu "${serve_reqs[@]}" "onnxruntime-gpu[cuda,cudnn]"; fi
     TORCH_PINS=$(sed -n 's/^TORCH_PINS *:= *//p' "$REPO/Makefile")
     if [ "$WITH_TRAIN" -eq 1 ]; then

@@ -3,12 +3,15 @@
 #
 # The model to bake in, the service image (built with --network none from the local python image
 # and the wheel folder) and its checks, compose.yaml and compose.gpu.yaml, docker compose up, the
-# requests (/readyz, /embed, the gallery across a restart, /neighbors, /healthz), the optional GPU
-# service and training images, and docker compose down -v at the end.
+# requests (/readyz, /embed, the gallery across a restart, /neighbors, /healthz), the profile scale
+# with its stand-ins (the service image with the milvus extra, also running milvus-lite's server in
+# place of milvusdb/milvus; Debian's nginx in place of nginx:alpine), the optional GPU service and
+# training images, and docker compose down -v at the end.
 #
 # Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR DATA_ROOT PYTHON DOCKER
-# PY_TAG SERVICE_TAG SERVICE_GPU_TAG TRAIN_TAG PROJECT COMPOSE MODEL PORT TEMP_MODEL WORK IN_REPO
-# COMPOSE_UP, TORCH_PINS (smoke_base_and_wheels.sh); log, die, elapsed, compose.
+# PY_TAG SERVICE_TAG SERVICE_GPU_TAG SERVICE_MILVUS_TAG LB_TAG SCALE_OVERRIDE TRAIN_TAG PROJECT
+# COMPOSE MODEL PORT TEMP_MODEL WORK IN_REPO COMPOSE_UP SCALE_UP, TORCH_PINS and build_lb_image
+# (smoke_base_and_wheels.sh); log, die, elapsed, compose.
 
 # preflight: which model folder gets baked in (MODELS_ARG: models/, or docker/smoke-models/ with --temp-model)
 choose_models() {
@@ -83,6 +86,25 @@ check_service_image() {
     log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 }
 
+# phase "build scale-out images": compose.yaml's replica image (EXTRAS=serve,milvus, the wheels of
+# docker/wheels/serve-milvus; --network none), which also serves as the Milvus stand-in (milvus-lite's
+# gRPC server), and the nginx stand-in (build_lb_image, smoke_base_and_wheels.sh)
+build_scale_images() {
+    log "docker build --network none ... --build-arg EXTRAS=serve,milvus --build-arg WHEELS=docker/wheels/serve-milvus -t $SERVICE_MILVUS_TAG (log: $LOG_DIR/build-service-milvus.log)"
+    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
+        --build-arg EXTRAS=serve,milvus --build-arg WHEELS=docker/wheels/serve-milvus -t "$SERVICE_MILVUS_TAG" "$REPO" \
+        >"$LOG_DIR/build-service-milvus.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service-milvus.log" >&2; die "building the milvus service image failed"; }
+    # shellcheck disable=SC2016   # expanded in the container
+    "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_MILVUS_TAG" -c '
+        set -e
+        command -v milvus-lite >/dev/null || { echo "no milvus-lite command in the image" >&2; exit 1; }
+        python -c "import importlib.util as u, sys; sys.exit(\"torch in the image\" if u.find_spec(\"torch\") else 0)"
+        echo "    in the container: uid $(id -u), no torch, $(python -c "from importlib.metadata import version as v; print(\"pymilvus\", v(\"pymilvus\") + \", milvus-lite\", v(\"milvus-lite\"))") ($(command -v milvus-lite): the Milvus stand-in)"
+    ' || die "milvus service image checks failed"
+    log "$SERVICE_MILVUS_TAG: size $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_MILVUS_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+    build_lb_image
+}
+
 # phase "validate compose files": compose.yaml (with its train profile) and compose.gpu.yaml on top
 validate_compose_files() {
     local gpu_config want services
@@ -100,6 +122,22 @@ validate_compose_files() {
         grep -q "$want" <<<"$gpu_config" || die "compose.yaml + compose.gpu.yaml: '$want' missing"
     done
     log "compose.yaml + compose.gpu.yaml: valid; NVIDIA device reservations: $(grep -c 'driver: nvidia' <<<"$gpu_config")"
+    compose --profile scale -f "$SCALE_OVERRIDE" config -q
+    log "compose.yaml + ${SCALE_OVERRIDE#"$REPO"/} (the smoke test's stand-ins for the profile scale): valid"
+}
+
+free_port() {   # free_port PREFERRED: PREFERRED when 127.0.0.1 has it free, else a free port
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+for port in (int(sys.argv[1]), 0):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(s.getsockname()[1])
+        break
+EOF
 }
 
 wait_ready() {   # wait_ready SECONDS
@@ -119,18 +157,7 @@ wait_ready() {   # wait_ready SECONDS
 # phase "docker compose up": on 127.0.0.1:PORT (8000 or a free one); waits for /readyz and the health
 compose_up() {
     local t0 health
-    if [ -z "$PORT" ]; then
-        PORT=$("$PYTHON" -c '
-import socket
-for port in (8000, 0):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        print(s.getsockname()[1])
-        break')
-    fi
+    if [ -z "$PORT" ]; then PORT=$(free_port 8000); fi
     export DINO_PUBLISH=127.0.0.1:$PORT DINO_SERVICE_IMAGE=$SERVICE_TAG
     unset DINO_API_KEY
     URL=http://127.0.0.1:$PORT
@@ -150,9 +177,9 @@ for port in (8000, 0):
     log "container health: healthy after another $(elapsed "$t0") s (HEALTHCHECK on /readyz)"
 }
 
-# phase "requests": /embed, the gallery (/index) across a restart of the service, /neighbors, /healthz
-check_requests() {
-    local photo image_id
+# the photo the requests post (PHOTO): DINO_SMOKE_PHOTO, matplotlib's sample photo, else a drawn one
+choose_photo() {
+    local photo
     photo=${DINO_SMOKE_PHOTO:-}
     if [ -z "$photo" ]; then
         # shellcheck disable=SC2012   # the first match of a glob, or none
@@ -174,6 +201,14 @@ d.rectangle((20, 150, 110, 230), fill=(30, 90, 200))
 buf = io.BytesIO(); img.save(buf, "JPEG", quality=90); sys.stdout.buffer.write(buf.getvalue())' > "$photo"
     fi
     log "photo: $photo ($(du -h "$photo" | cut -f1))"
+    PHOTO=$photo
+}
+
+# phase "requests": /embed, the gallery (/index) across a restart of the service, /neighbors, /healthz
+check_requests() {
+    local photo image_id
+    choose_photo
+    photo=$PHOTO
 
     curl -fsS --max-time 60 -F "images=@$photo" "$URL/embed" -o "$WORK/embed.json" || die "POST /embed failed"
     "$PYTHON" - "$WORK/embed.json" "$MODEL_NAME" "$EMBED_DIM" <<'EOF' || die "the /embed answer is wrong"
@@ -218,6 +253,110 @@ EOF
     if curl -fsS "$URL/healthz" >/dev/null; then log "GET /healthz: ok"; fi
 }
 
+scale_compose() {   # compose.yaml's profile scale with the stand-ins of docker/compose.smoke-scale.yaml
+    compose --profile scale -f "$SCALE_OVERRIDE" "$@"
+}
+
+wait_replica_ready() {   # wait_replica_ready SERVICE CONTAINER URL SECONDS: /readyz answers "ready" (gallery available)
+    local name=$1 cid=$2 url=$3 t0 running restarts
+    t0=$(date +%s.%N)
+    for _ in $(seq 1 "$4"); do
+        if curl -fsS --max-time 2 "$url/readyz" -o "$WORK/readyz-$name.json" 2>/dev/null &&
+            grep -q '"status": *"ready"' "$WORK/readyz-$name.json"; then
+            log "$name (container ${cid:0:12}, $url): /readyz after $(elapsed "$t0") s: $(cat "$WORK/readyz-$name.json")"
+            return 0
+        fi
+        # restart: unless-stopped would hide a crash behind a restart loop
+        read -r running restarts < <("$DOCKER" inspect -f '{{.State.Running}} {{.RestartCount}}' "$cid")
+        if [ "$running" != true ] || [ "$restarts" -ne 0 ]; then die "the $name container stopped (running: $running, restarts: $restarts)"; fi
+        sleep 1
+    done
+    die "$name: /readyz did not answer \"ready\" within $4 s (last answer: $(cat "$WORK/readyz-$name.json" 2>/dev/null))"
+}
+
+# phase "scale-out (profile scale)": compose.yaml's profile scale, brought up with the stand-ins
+# (docker/compose.smoke-scale.yaml, compose.yaml's image variables): milvus = milvus-lite's gRPC server
+# in the dino-service-milvus image, lb = Debian's nginx. Both replicas must find Milvus by its service
+# name and the load balancer both replicas; a photo added through replica-a is found through replica-b
+# (one gallery), and its stored image comes back through the load balancer on 127.0.0.1:8080 (or a
+# free port).
+#
+# The network: the project network of compose is a user-defined bridge (br-...), which dockerd creates
+# also with --bridge=none (that only skips the default docker0 bridge); containers on it reach each
+# other over the bridge, and compose's service names resolve through dockerd's embedded DNS
+# (127.0.0.11), which needs no iptables rules of the host (--iptables=false). Published ports go
+# through docker-proxy on 127.0.0.1, as in the requests phase.
+check_scale_out() {
+    local lb_port lb_url a_url b_url image_id hits_a hits_b forward name
+    local -A cid
+    lb_port=$(free_port 8080)
+    lb_url=http://127.0.0.1:$lb_port
+    export MILVUS_IMAGE=$SERVICE_MILVUS_TAG DINO_SERVICE_MILVUS_IMAGE=$SERVICE_MILVUS_TAG DINO_LB_IMAGE=$LB_TAG \
+        DINO_SCALE_PUBLISH=127.0.0.1:$lb_port
+    log "stand-ins: milvus = $SERVICE_MILVUS_TAG running milvus-lite's gRPC server, lb = $LB_TAG (Debian's nginx); override ${SCALE_OVERRIDE#"$REPO"/}"
+    # with br_netfilter on, traffic between containers on a bridge passes the host's FORWARD chain,
+    # which this dockerd (--iptables=false) does not open: a DROP policy there would cut the replicas
+    # off Milvus (they would stay "degraded") and nginx off the replicas
+    forward=$(iptables -S FORWARD 2>/dev/null || true)
+    if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ] && grep -qx -- '-P FORWARD DROP' <<<"$forward"; then
+        log "warning: br_netfilter is on and the host's iptables FORWARD policy is DROP: containers may not reach each other"
+    fi
+    SCALE_UP=1
+    scale_compose up -d --no-build lb 2>&1 | sed 's/^/    /' || die "compose --profile scale up -d lb failed"
+    for name in milvus replica-a replica-b lb; do
+        cid[$name]=$(scale_compose ps -q "$name")
+        [ -n "${cid[$name]}" ] || die "no $name container"
+    done
+    log "milvus (container ${cid[milvus]:0:12}): $("$DOCKER" inspect -f '{{.State.Health.Status}}' "${cid[milvus]}"), volume $("$DOCKER" volume ls -q | grep milvus-data | tr '\n' ' ')"
+    a_url=http://$(scale_compose port replica-a 8000)
+    b_url=http://$(scale_compose port replica-b 8000)
+    wait_replica_ready replica-a "${cid[replica-a]}" "$a_url" 180
+    wait_replica_ready replica-b "${cid[replica-b]}" "$b_url" 180
+    "$DOCKER" exec "${cid[replica-a]}" python -c '
+import socket
+resolver = [line.split()[1] for line in open("/etc/resolv.conf") if line.startswith("nameserver")][0]
+names = ", ".join(f"{name} {socket.gethostbyname(name)}" for name in ("milvus", "replica-b", "lb"))
+print(f"    service names from replica-a: {names} (resolver {resolver}: the embedded DNS of dockerd)")' ||
+        die "replica-a cannot resolve the service names"
+
+    curl -fsS --max-time 60 -F "images=@$PHOTO" -F "labels=smoke-scale" "$a_url/index" -o "$WORK/scale-add.json" ||
+        die "POST /index on replica-a failed"
+    image_id=$("$PYTHON" -c 'import json, sys; ids = json.load(open(sys.argv[1]))["ids"]; assert len(ids) == 1; print(ids[0])' "$WORK/scale-add.json")
+    log "POST /index on replica-a: gallery image id $image_id"
+    curl -fsS --max-time 60 -F "image=@$PHOTO" "$b_url/neighbors?k=1" -o "$WORK/scale-neighbors.json" || die "POST /neighbors on replica-b failed"
+    "$PYTHON" - "$WORK/scale-neighbors.json" "$image_id" <<'EOF' || die "replica-b did not find the image added through replica-a"
+import json, sys
+found = json.load(open(sys.argv[1]))["neighbors"]
+assert found and found[0]["id"] == sys.argv[2], f"expected {sys.argv[2]} first, got {found}"
+assert found[0]["score"] > 0.99, f"similarity of the photo with itself: {found[0]['score']}"
+assert found[0]["label"] == "smoke-scale", found[0]
+print(f"    POST /neighbors?k=1 on replica-b: {found[0]['id']} ({found[0]['label']}), cosine similarity {found[0]['score']:.4f}")
+EOF
+    curl -fsS "$b_url/index" -o "$WORK/scale-index.json" || die "GET /index on replica-b failed"
+    "$PYTHON" - "$WORK/scale-index.json" <<'EOF' ||
+import json, sys
+i = json.load(open(sys.argv[1]))
+assert i["size"] == 1 and i["backend"] == "milvus", i
+print(f"    GET /index on replica-b: size {i['size']}, backend {i['backend']}, collection {i['collection']}, index {i['index_type']}")
+EOF
+        die "GET /index on replica-b: expected the Milvus gallery with 1 image"
+
+    # the load balancer: four requests, answered by both replicas in turn (their access logs), then the
+    # image. One connection (curl's URL range): nginx keeps the round robin of an upstream without a
+    # zone per worker process, so requests on separate connections may each start a worker's turn anew
+    curl -fsS --fail-early --max-time 20 "$lb_url/healthz?smoke=lb-[1-4]" -o "$WORK/lb-healthz-#1.json" ||
+        die "GET /healthz through the load balancer failed"
+    hits_a=$("$DOCKER" logs "${cid[replica-a]}" 2>&1 | grep -c 'GET /healthz?smoke=lb-' || true)
+    hits_b=$("$DOCKER" logs "${cid[replica-b]}" 2>&1 | grep -c 'GET /healthz?smoke=lb-' || true)
+    log "4 x GET /healthz through the load balancer ($lb_url): replica-a answered $hits_a, replica-b $hits_b"
+    if [ "$hits_a" -eq 0 ] || [ "$hits_b" -eq 0 ]; then die "the load balancer did not use both replicas"; fi
+    curl -fsS --max-time 30 -D "$WORK/scale-image.headers" "$lb_url/index/$image_id/image" -o "$WORK/scale-image.jpg" ||
+        die "GET /index/$image_id/image through the load balancer failed"
+    grep -qi '^content-type: image/jpeg' "$WORK/scale-image.headers" || die "GET /index/$image_id/image through the load balancer: not image/jpeg"
+    [ "$(head -c 3 "$WORK/scale-image.jpg" | od -An -tx1 | tr -d ' ')" = ffd8ff ] || die "GET /index/$image_id/image through the load balancer: not a JPEG"
+    log "GET /index/$image_id/image through the load balancer ($(grep -i '^server:' "$WORK/scale-image.headers" | tr -d '\r' | cut -d' ' -f2-)): $(wc -c < "$WORK/scale-image.jpg") bytes of JPEG"
+}
+
 # phase "build + check GPU service image" (--with-gpu-image): built and checked, not run
 check_gpu_image() {
     log "docker build ... CUDA_LIBS=true WHEELS=docker/wheels/serve-gpu -t $SERVICE_GPU_TAG (log: $LOG_DIR/build-service-gpu.log)"
@@ -256,14 +395,24 @@ list_images() {
     log "(+ $("$DOCKER" images -q --filter dangling=true | wc -l) untagged build-stage images, kept in $DATA_ROOT as build cache)"
 }
 
-# teardown: the service's logs when the run failed, then docker compose down -v (containers, network, volume)
+# teardown: the logs when the run failed, then docker compose down -v (containers, network, volumes),
+# with the profile scale and its override once the scale-out phase has started
 teardown_compose() {   # teardown_compose EXIT_STATUS
-    local rc=$1
-    if [ "$COMPOSE_UP" -eq 1 ]; then
+    local rc=$1 name
+    if [ "$COMPOSE_UP" -eq 1 ] && [ "$rc" -ne 0 ]; then
+        log "service logs (last 60 lines):"
+        compose logs --no-color --tail 60 service 2>&1 | sed 's/^/      /'
+    fi
+    if [ "$SCALE_UP" -eq 1 ]; then
         if [ "$rc" -ne 0 ]; then
-            log "service logs (last 60 lines):"
-            compose logs --no-color --tail 60 service 2>&1 | sed 's/^/      /'
+            scale_compose ps 2>&1 | sed 's/^/      /'
+            for name in milvus replica-a replica-b lb; do
+                log "$name logs (last 40 lines):"
+                scale_compose logs --no-color --tail 40 "$name" 2>&1 | sed 's/^/      /'
+            done
         fi
+        scale_compose down -v --remove-orphans --timeout 20 2>&1 | sed 's/^/    /'
+    elif [ "$COMPOSE_UP" -eq 1 ]; then
         compose down -v --remove-orphans --timeout 20 2>&1 | sed 's/^/    /'
     fi
 }

@@ -135,7 +135,7 @@ start_dockerd() {
         --host "$DOCKER_HOST" --pidfile "$RUN_DIR/dockerd.pid" \
         --exec-root "$RUN_DIR/exec" --data-root "$DATA_ROOT" \
         --storage-driver overlay2 --bridge none --iptables=false --ip-forward=false --ip-masq=false \
-        --log-level warn >"$LOG_DIR/dockerd.log" 2>&1 &
+        --log-level warn >"$LOG_DIR/dockerd.log" 2>&1 9>&- &   # 9: smoke_test.sh's lock, not for the daemon
     DOCKERD_PID=$!
     log "dockerd pid $DOCKERD_PID, socket $DOCKER_HOST, data-root $DATA_ROOT (log: $LOG_DIR/dockerd.log)"
     for _ in $(seq 1 120); do
@@ -145,8 +145,8 @@ start_dockerd() {
     done
     "$DOCKER" version >/dev/null 2>&1 || die "dockerd did not answer within 60 s"
     log "engine $("$DOCKER" version -f '{{.Server.Version}}'), storage driver $("$DOCKER" info -f '{{.Driver}}')"
-    # leftovers of an interrupted run (containers, the volume) go before the test starts
-    compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
+    # leftovers of an interrupted run (containers, the volumes, also the profile scale's) go before the test starts
+    compose --profile scale down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
 }
 
 # teardown (after compose down): the daemon, its leftovers, the mounts, the network state, /run

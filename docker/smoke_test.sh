@@ -8,14 +8,20 @@
 #   3. makes a local base image: debootstrap --variant=minbase bookworm + docker import, then a
 #      python image on top of it (Debian's python3, python3-venv, python3-pip from the Debian mirror)
 #   4. downloads the service's wheels on the host (pip download, cp311 manylinux x86_64) into
-#      docker/wheels/serve
-#   5. builds docker/service.Dockerfile with --network none (wheels + local base: no network at all)
-#   6. checks the image (non-root, HEALTHCHECK, no torch, no compiler), validates compose.yaml and the
-#      GPU override (docker compose -f compose.yaml -f compose.gpu.yaml config)
+#      docker/wheels/serve, and with the milvus extra into docker/wheels/serve-milvus
+#   5. builds docker/service.Dockerfile with --network none (wheels + local base: no network at all),
+#      also with EXTRAS=serve,milvus (dino-service-milvus), and an nginx image from Debian's package
+#   6. checks the image (non-root, HEALTHCHECK, no torch, no compiler), validates compose.yaml, the
+#      GPU override (docker compose -f compose.yaml -f compose.gpu.yaml config) and the scale-out one
 #   7. docker compose up; waits for /readyz and the container's health; posts a photo to /embed and
 #      checks the answer; adds it to the gallery, restarts the service and finds it again (the
 #      gallery index lives on the named volume)
-#   8. tears everything down, also on failure: docker compose down -v, dockerd stopped by its PID,
+#   8. the profile scale of compose.yaml, brought up with local stand-ins for the two images that
+#      cannot be pulled (docker/compose.smoke-scale.yaml): Milvus Lite's gRPC server (the service
+#      image built with the milvus extra, from docker/wheels/serve-milvus) for milvusdb/milvus,
+#      Debian's nginx (dino-nginx:bookworm) for nginx:alpine; adds a photo through replica-a, finds
+#      it through replica-b and fetches its image through the load balancer
+#   9. tears everything down, also on failure: docker compose --profile scale down -v, dockerd stopped by its PID,
 #      leftover mounts, processes, network links and iptables rules of this run removed, and the
 #      wheel folders (hard links into the cache) and temporary model it put into the working tree
 #
@@ -42,9 +48,10 @@ set -euo pipefail
 # This file holds the options, the progress log, the teardown and the order of the phases; the parts
 # it sources (functions only, run from here):
 #   docker/smoke_dockerd.sh          the private dockerd: packages, start, stop, leftovers of killed runs
-#   docker/smoke_base_and_wheels.sh  the local base and python images (debootstrap), the wheels (pip download)
-#   docker/smoke_checks.sh           the model, the service image and its checks, compose up, the
-#                                    requests, the GPU/training images, compose down
+#   docker/smoke_base_and_wheels.sh  the local base, python and nginx images (debootstrap), the wheels (pip download)
+#   docker/smoke_checks.sh           the model, the service images and their checks, compose up, the
+#                                    requests, the scale-out profile, the GPU/training images, compose down
+#   docker/compose.smoke-scale.yaml  the override of compose.yaml's profile scale for the stand-ins
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${DINO_DOCKER_CACHE:-$HOME/.cache/dino-docker}
@@ -61,6 +68,11 @@ PY_TAG=dino-python:$PY_VERSION
 SERVICE_TAG=dino-service:latest
 SERVICE_GPU_TAG=dino-service:gpu
 TRAIN_TAG=dino-train:latest
+# the profile scale: the service with the milvus extra (also the Milvus stand-in: milvus-lite's
+# server), the nginx stand-in, and the override that runs them in place of milvusdb/milvus and nginx
+SERVICE_MILVUS_TAG=dino-service-milvus:latest
+LB_TAG=dino-nginx:bookworm
+SCALE_OVERRIDE=$REPO/docker/compose.smoke-scale.yaml
 PROJECT=dino-smoke
 # created by dockerd/containerd/runc outside the exec-root (shim sockets, plugin sockets, runc state)
 RUN_PATHS="/run/containerd /run/docker /run/runc"
@@ -111,7 +123,7 @@ source "$REPO/docker/smoke_checks.sh"
 # ---------------------------------------------------------------------------------------------
 # teardown (runs on success, failure and interruption)
 # ---------------------------------------------------------------------------------------------
-DOCKERD_PID="" COMPOSE_UP=0 LINKS_BEFORE="" IPT_BEFORE="" IP_FORWARD_BEFORE="" RUN_PATHS_BEFORE=""
+LOCKED=0 DOCKERD_PID="" COMPOSE_UP=0 SCALE_UP=0 LINKS_BEFORE="" IPT_BEFORE="" IP_FORWARD_BEFORE="" RUN_PATHS_BEFORE=""
 COMPOSE=()
 IN_REPO=()   # folders this run put into the working tree (wheels, temporary model): removed at the end
 WORK=$(mktemp -d /tmp/dino-smoke.XXXXXX)
@@ -126,9 +138,14 @@ teardown() {
     trap - EXIT INT TERM
     [ $rc -ne 0 ] && end_phase "FAILED"
     phase "teardown"
-    teardown_compose "$rc"    # smoke_checks.sh: compose down -v
-    teardown_dockerd "$rc"    # smoke_dockerd.sh: dockerd, its processes, mounts, network links, iptables
-    rm -rf "$RUN_DIR" "$CACHE/base/rootfs" "$WORK"
+    teardown_compose "$rc"    # smoke_checks.sh: compose [--profile scale] down -v
+    # only once this run holds the lock: before that, $RUN_DIR, the processes naming it and the mounts
+    # under it belong to the run it waits for
+    if [ "$LOCKED" -eq 1 ]; then
+        teardown_dockerd "$rc"    # smoke_dockerd.sh: dockerd, its processes, mounts, network links, iptables
+        rm -rf "$RUN_DIR" "$CACHE/base/rootfs"
+    fi
+    rm -rf "$WORK"
     # the working tree as it was: the wheel folders (hard links into the cache) and the temporary model
     if [ ${#IN_REPO[@]} -gt 0 ]; then
         rm -rf "${IN_REPO[@]}"
@@ -155,6 +172,7 @@ phase "preflight"
 # one smoke test at a time on a machine (they share the daemon's runtime directory and the cache)
 exec 9>/run/lock/dino-docker-smoke.lock
 if ! flock -n 9; then log "another smoke test is running: waiting for it (up to 30 min)"; flock -w 1800 9 || die "still locked"; fi
+LOCKED=1   # (dockerd is started without fd 9: the lock ends with this script, also when it is killed)
 [ "$(uname -m)" = x86_64 ] || die "x86_64 only (the wheels are manylinux x86_64)"
 [ -n "$MIRROR" ] || MIRROR=$(debian_mirror_from_apt bookworm)
 [ -n "$MIRROR" ] || die "no Debian archive for bookworm in /etc/apt/sources.list*: set DINO_DEBIAN_MIRROR to one"
@@ -177,9 +195,11 @@ phase "wheels (pip download)";      download_wheels
 phase "model";                      prepare_model
 phase "build service image";        build_service_image
 phase "check service image";        check_service_image
+phase "build scale-out images";     build_scale_images
 phase "validate compose files";     validate_compose_files
 phase "docker compose up";          compose_up
 phase "requests";                   check_requests
+phase "scale-out (profile scale)";  check_scale_out
 if [ $WITH_GPU -eq 1 ]; then
     phase "build + check GPU service image"; check_gpu_image
 fi
