@@ -21,7 +21,7 @@ install-serve: $(BIN)/python
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[train,serve,milvus,embed,ray,client,dev]'
+	$(BIN)/pip install --quiet -e '.[train,serve,milvus,embed,ray,client,video,dev]'
 
 serve: install-serve
 	$(BIN)/dino serve

@@ -28,12 +28,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
     "index": ("service.index_cli", "build a gallery index offline", "serve"),
     "embed": ("service.batch_embedding", "embed an image folder into a Parquet dataset (resumable, Ray)", "embed"),
+    "attention-video": (
+        "service.attention_video_cli",
+        "per-frame [CLS] attention of a video or frame folder, as an MP4 (like DINO's video_generation.py)",
+        "video",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: dino <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_, _) in COMMANDS.items()]
     lines += ["", "Run 'dino <command> --help' for the options of a command."]
     return "\n".join(lines)
 

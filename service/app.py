@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 API_DESCRIPTION = """Features of a DINO self-supervised Vision Transformer, served with onnxruntime.
 
-Images go in as multipart files in the field `images` or as JSON `{"images": ["<base64>", ...]}`.
+Images go in as multipart files in the field `images` or as JSON `{"images": ["<base64>", ...]}`;
+`POST /attention/video` takes a short clip as a multipart file in the field `video`.
 Every error is JSON `{"detail": "<message>"}`. When the server has an API key (`DINO_API_KEY`), every route
 except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`.
 """

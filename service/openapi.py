@@ -37,9 +37,11 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     404: "no gallery image with this id, or a model that this server does not serve",
     408: "the client stopped sending the request body",
     409: "the gallery is read-only in this server",
-    413: "request body, image or number of images over the limits",
-    415: "not an image, an unsupported image mode, or an unsupported content type or encoding",
-    422: "invalid parameters, an empty or corrupt image",
+    413: "request body, image, video or number of images over the limits",
+    415: "not an image, an unsupported image mode, not a video in a supported format and codec, or an unsupported "
+    "content type or encoding",
+    422: "invalid parameters, an empty or corrupt image or video",
+    501: "this server was installed without video support (the 'video' extra: PyAV)",
     503: "the model is loading, the inference queue is full or the gallery's backend is unreachable; "
     "retry after Retry-After seconds",
 }
@@ -60,6 +62,7 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "embeddings_openai": (*BODY_ERRORS, 404),
     "attention": BODY_ERRORS,
     "attention_of_stored": (404,),
+    "attention_video": (*BODY_ERRORS, 501),
     "neighbors": BODY_ERRORS,
     "neighbors_of_stored": (404,),
     "index_add": (*BODY_ERRORS, 409),
@@ -119,6 +122,8 @@ def _set_parameter_bounds(operation: dict[str, Any], settings: ServiceSettings, 
             schema["maximum"] = settings.max_page_size
         elif name == "head":
             schema["pattern"] = head_pattern(num_heads)
+        elif name == "size" and operation.get("operationId") == "attention_video":
+            schema["maximum"] = settings.max_video_output_size
 
 
 def exact_openapi(app: FastAPI, settings: ServiceSettings, num_heads: int) -> dict[str, Any]:

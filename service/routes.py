@@ -8,6 +8,7 @@ import base64
 import io
 import json
 from pathlib import Path as FilePath
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -36,11 +37,14 @@ from service.schemas import (
 )
 from service.state import ServiceState, l2_normalize
 from service.uploads import (
+    MULTIPART,
     SINGLE_IMAGE_FIELDS,
+    VIDEO_FIELD,
     parse_labels,
     parse_metadata,
     read_openai_embedding_request,
     read_upload,
+    read_video_upload,
     single_image,
 )
 
@@ -356,6 +360,155 @@ async def attention_of_stored(
 ) -> Response:
     prepared = await _stored_crop(state, image_id)
     return await _attention_answer(state, prepared, head, format, threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention on video (PyAV is the optional 'video' extra: service.video is imported on first use)
+# --------------------------------------------------------------------------------------------------
+
+#: highest output frame rate of POST /attention/video
+MAX_VIDEO_FPS = 60
+#: smallest side of the frames of an attention clip
+MIN_VIDEO_SIZE = 16
+#: default side of the frames of an attention clip (service.video.DEFAULT_OUTPUT_SIZE, which needs PyAV)
+VIDEO_SIZE = 256
+VIDEO_MEDIA_TYPES = {"mp4": "video/mp4", "zip": "application/zip"}
+VIDEO_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a short clip (MP4/MOV, Matroska/WebM or AVI; H.264, HEVC, VP8, VP9, AV1, MPEG-4 or MJPEG) "
+        f"as a multipart file in the field '{VIDEO_FIELD}'",
+        "content": {
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {VIDEO_FIELD: {"type": "string", "format": "binary", "description": "the clip"}},
+                    "required": [VIDEO_FIELD],
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
+}
+VIDEO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the attention clip: an MP4 (H.264), or a ZIP of the PNG overlays (frame_000000.png, ...) and "
+        "attention.json (the grid of weights of every frame, with the model, head, threshold and fps)",
+        "content": {
+            "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "headers": {
+            "X-Frame-Count": {"description": "frames in the clip", "schema": {"type": "integer"}},
+            "X-Frame-Rate": {"description": "frames per second of the clip", "schema": {"type": "number"}},
+        },
+    },
+}
+FpsQuery = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        le=MAX_VIDEO_FPS,
+        description="frame rate of the clip: the video is sampled at this rate (default: its own, at most "
+        f"{MAX_VIDEO_FPS}); never above the video's own rate",
+    ),
+]
+VideoFormatQuery = Annotated[
+    Literal["mp4", "zip"], Query(description="mp4: an H.264 clip; zip: the PNG overlays and attention.json")
+]
+VideoSizeQuery = Annotated[
+    int,
+    Query(
+        ge=MIN_VIDEO_SIZE,
+        multiple_of=2,
+        description="side of the clip's frames in pixels (even; at most DINO_MAX_VIDEO_OUTPUT_SIZE). The model's "
+        "image size gives exactly the PNGs of POST /attention",
+    ),
+]
+
+
+def _video_error_status(video: ModuleType, exc: Exception) -> int:
+    """413 for a clip over the limits, 415 for one that is not a supported video, 422 for a corrupt one."""
+    if isinstance(exc, video.VideoTooLarge):
+        return 413
+    return 415 if isinstance(exc, video.UnsupportedVideo) else 422
+
+
+@api_router.post(
+    "/attention/video",
+    operation_id="attention_video",
+    tags=["features"],
+    summary="DINO [CLS] attention of every frame of a short clip, as a clip (MP4, or a ZIP of PNG frames)",
+    openapi_extra=VIDEO_BODY,
+    response_class=Response,
+    responses=VIDEO_RESPONSES,
+)
+async def attention_video(
+    request: Request,
+    state: State,
+    head: HeadQuery = "mean",
+    threshold: ThresholdQuery = None,
+    fps: FpsQuery = None,
+    size: VideoSizeQuery = VIDEO_SIZE,
+    format: VideoFormatQuery = "mp4",
+) -> Response:
+    """Each sampled frame goes through the model's transform and the dynamic batcher like an image of
+    POST /attention, and its overlay is that route's PNG, drawn at ``size``. Decoding, rendering and
+    encoding run in the worker pool, a chunk of frames at a time, so memory stays bounded."""
+    try:
+        from service import video
+    except ModuleNotFoundError as exc:
+        if exc.name != "av":
+            raise
+        raise HTTPException(
+            status_code=501, detail="video support is not installed in this server: pip install 'dino-platform[video]'"
+        ) from exc
+    settings, spec = state.settings, state.model.spec
+    head_index = _parse_head(head, spec.num_heads)  # before the upload is read or a frame decoded
+    if size > settings.max_video_output_size:
+        raise HTTPException(status_code=422, detail=f"size must be at most {settings.max_video_output_size}")
+    data = await read_video_upload(request, settings.max_video_bytes)
+    limits = video.VideoLimits(
+        max_frames=settings.max_video_frames,
+        truncate=False,  # a clip over the limits is refused (413), never silently cut
+        max_seconds=settings.max_video_seconds,
+        max_frame_pixels=settings.max_video_frame_pixels,
+        max_fps=MAX_VIDEO_FPS,
+    )
+    info = {
+        "model": spec.name,
+        "grid": list(spec.grid),
+        "heads": spec.num_heads,
+        "head": "mean" if head_index is None else head_index,
+        "threshold": threshold,
+    }
+    try:
+        # opening reads the packets of the whole clip (no decoding): it takes a decoding slot like an image
+        async with state.decode_slots:
+            source = await state.run_blocking(video.VideoFileSource, data, fps, limits)
+        writer = await state.run_blocking(video.open_writer, None, format, source.fps, size, info)
+        preparer = video.FramePreparer(state.preprocessor.transform, size)
+        clip = video.AttentionClip(source, preparer, writer, spec.grid, head_index, threshold)
+        try:
+            while True:
+                async with state.decode_slots:
+                    chunk = await state.run_blocking(clip.next_chunk, settings.max_batch_size)
+                if not chunk:
+                    break
+                results = await state.infer([frame.prepared for frame in chunk], ["attention"])
+                await state.run_blocking(clip.write, chunk, [result["attention"] for result in results])
+            body = await state.run_blocking(clip.finish)
+        finally:
+            await state.run_blocking(clip.close)
+    except video.VideoInputError as exc:
+        # here rather than in service.app, which must not need PyAV to start
+        raise HTTPException(status_code=_video_error_status(video, exc), detail=exc.detail) from exc
+    headers = {
+        "X-Frame-Count": str(clip.frames),
+        "X-Frame-Rate": f"{float(clip.fps):g}",
+        "Content-Disposition": f'inline; filename="attention.{format}"',
+    }
+    return Response(content=body, media_type=VIDEO_MEDIA_TYPES[format], headers=headers)
 
 
 def _neighbors_body(state: ServiceState, query: np.ndarray, k: int, exclude: str | None) -> dict:

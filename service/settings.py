@@ -122,6 +122,27 @@ class ServiceSettings(BaseSettings):
     max_label_chars: int = Field(256, ge=1, description="longest gallery label")
     max_metadata_bytes: int = Field(16 * 1024, ge=2, description="largest JSON metadata of one gallery image")
 
+    # --- POST /attention/video (a clip's frames go through the model like images) --------------
+    max_video_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="largest uploaded video of POST /attention/video (413 above; DINO_MAX_UPLOAD_BYTES applies too)",
+    )
+    max_video_frames: int = Field(
+        300, ge=1, description="most frames of one clip run through the model, after sampling at fps (413 above)"
+    )
+    max_video_seconds: float = Field(
+        60.0, gt=0, description="longest clip, from its header and its frames' timestamps (413 above)"
+    )
+    max_video_frame_pixels: int = Field(
+        1920 * 1080,
+        ge=1,
+        description="largest video frame (width x height, read from the stream before decoding; 413 above)",
+    )
+    max_video_output_size: int = Field(
+        512, ge=16, description="largest side (pixels) of the frames of an attention clip (the 'size' parameter)"
+    )
+
     # --- gallery -------------------------------------------------------------------------------
     index_type: Literal["flat", "hnsw"] = Field(
         "flat", description="flat: exact inner product; hnsw: approximate, for large galleries"

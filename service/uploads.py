@@ -34,6 +34,8 @@ MULTIPART = "multipart/form-data"
 JSON_TYPES = ("application/json",)
 IMAGES_FIELD = "images"
 SINGLE_IMAGE_FIELDS = ("images", "image")
+#: the multipart field of the clip of POST /attention/video
+VIDEO_FIELD = "video"
 #: methods whose bodies the size limit applies to
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -348,6 +350,49 @@ async def read_openai_embedding_request(request: Request, *, max_images: int) ->
         raise UploadError('"user" must be a string')
     images = [decode_base64_image(item, f"input[{i}]") for i, item in enumerate(items)]
     return OpenAIEmbeddingInput(images=images, model=model, encoding_format=encoding, dimensions=dimensions)
+
+
+async def read_video_upload(request: Request, max_bytes: int) -> bytes:
+    """The clip of ``POST /attention/video``: one file in the multipart field ``video``, at most
+    ``max_bytes`` (the body limit of every route applies first, while the body streams in)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UploadError(f"unsupported Content-Encoding {encoding!r}: send the body uncompressed", status_code=415)
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != MULTIPART:
+        raise UploadError(
+            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with the clip in the "
+            f"field '{VIDEO_FIELD}'",
+            status_code=415,
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except StarletteHTTPException as exc:
+        # Starlette refuses more than max_files files with a 400: here, a request of several videos
+        if exc.status_code == 400 and "Too many files" in str(exc.detail):
+            raise UploadError(f"one video per request, in the field '{VIDEO_FIELD}'") from exc
+        raise
+    try:
+        video = None
+        for key, value in form.multi_items():
+            if key != VIDEO_FIELD:
+                raise UploadError(f"unknown field '{key}': this route takes one file in the field '{VIDEO_FIELD}'")
+            if not isinstance(value, UploadFile):
+                raise UploadError(f"field '{VIDEO_FIELD}' must be a file, not text")
+            video = value
+        if video is None:
+            raise UploadError(f"no video in the request: expected a file in the multipart field '{VIDEO_FIELD}'")
+        too_large = f"video too large: the limit is {max_bytes} bytes (DINO_MAX_VIDEO_BYTES)"
+        if video.size is not None and video.size > max_bytes:
+            raise UploadError(too_large, status_code=413)
+        data = await video.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UploadError(too_large, status_code=413)
+        if not data:
+            raise UploadError("the video is empty")
+        return data
+    finally:
+        await form.close()
 
 
 def single_image(upload: Upload) -> bytes:
