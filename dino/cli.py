@@ -28,6 +28,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
     "index": ("service.index_cli", "build a gallery index offline", "serve"),
     "embed": ("service.batch_embedding", "embed an image folder into a Parquet dataset (resumable, Ray)", "embed"),
+    "retrieval": (
+        "service.evaluation.retrieval",
+        "image retrieval on labelled folders (mAP, recall@k) through the gallery",
+        "serve",
+    ),
+    "copydetect": (
+        "service.evaluation.copydetect",
+        "copy detection on generated strong copies (µAP, recall@1)",
+        "serve",
+    ),
     "attention-video": (
         "service.attention_video_cli",
         "per-frame [CLS] attention of a video or frame folder, as an MP4 (like DINO's video_generation.py)",
