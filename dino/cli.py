@@ -15,7 +15,7 @@ import sys
 
 #: the project's own packages: a missing module of these is a bug, not a missing extra
 PROJECT_PACKAGES = ("dino", "training", "service")
-#: name -> (module, one-line help, extra that provides its dependencies)
+#: name -> (module, one-line help, the extras that provide its dependencies)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
         "training.train",
@@ -27,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
     "index": ("service.index_cli", "build a gallery index offline", "serve"),
-    "embed": ("service.batch_embedding", "embed an image folder into a Parquet dataset (resumable, Ray)", "embed"),
+    "embed": (
+        "service.batch_embedding",
+        "embed an image folder into a Parquet dataset (resumable, Ray)",
+        "serve,embed",
+    ),
     "retrieval": (
         "service.evaluation.retrieval",
         "image retrieval on labelled folders (mAP, recall@k) through the gallery",
@@ -41,7 +45,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "attention-video": (
         "service.attention_video_cli",
         "per-frame [CLS] attention of a video or frame folder, as an MP4 (like DINO's video_generation.py)",
-        "video",
+        "serve,video",
     ),
 }
 
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name and exc.name.split(".")[0] in PROJECT_PACKAGES:
             raise
         print(
-            f"dino {name}: missing dependency {exc.name!r}; install the '{extra}' extra: pip install '.[{extra}]'",
+            f"dino {name}: missing dependency {exc.name!r}; install the extras it needs: pip install '.[{extra}]'",
             file=sys.stderr,
         )
         return 1

@@ -2,32 +2,46 @@
 # in, the gallery index on a volume, running as an unprivileged user (uid 10001).
 #
 # Build from the repository root (see docker/README.md):
-#   docker build -f docker/service.Dockerfile -t dino-service .
+#   docker build -f docker/service.Dockerfile -t dino-service .                        # CPU, from the index
+#   docker build -f docker/service.Dockerfile --build-arg VARIANT=gpu -t dino-service:gpu .   # CUDA
 #
 # Build arguments:
+#   VARIANT      cpu (default): onnxruntime, the slim image; gpu: onnxruntime-gpu with the CUDA and
+#                cuDNN libraries it needs (onnxruntime-gpu[cuda,cudnn], ~2 GB; extra serve-gpu instead
+#                of serve), registered with the dynamic loader
 #   BASE_IMAGE   any Debian/Ubuntu-like image with python3 (>= 3.11) and its venv module
 #                (default python:3.11-slim; air-gapped: a local image, e.g. dino-python:3.11)
-#   PIP_SOURCE   wheels (default): install only from the wheel folder, no network at all;
-#                index: use the package index too (the wheel folder may then be empty or missing)
-#   WHEELS       wheel folder in the build context (default docker/wheels/serve), prepared with
-#                `pip download` on a connected host (docker/README.md)
-#   CUDA_LIBS    true: also install the CUDA/cuDNN libraries onnxruntime-gpu needs
-#                (onnxruntime-gpu[cuda,cudnn], ~2 GB) for the GPU variant; false (default): the image
-#                runs on the CPU (onnxruntime-gpu falls back to its CPU provider)
+#   PIP_SOURCE   index (default): packages from the package index (pip's default one, or the
+#                arguments below); wheels: only from the wheel folder WHEELS, no network at all
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST
+#                pip's own settings, for a mirror, a private index or a proxy (build stage only;
+#                they are recorded in the build's metadata: no passwords in them)
+#   WHEELS       wheel folder in the build context for PIP_SOURCE=wheels (default docker/wheels/serve,
+#                docker/wheels/serve-gpu for VARIANT=gpu by convention), prepared with `pip download`
+#                on a connected host (docker/README.md)
+#   EXTRAS       the project's extras (default serve; serve,milvus for compose's scale profile; with
+#                VARIANT=gpu, serve stands for serve-gpu)
 #   MODELS       folder of model folders in the build context (default models)
 #   MODEL        the model folder to ship (default: all of them; the service serves the first one,
 #                sorted by name, unless DINO_MODEL_DIR says otherwise)
 #
-# The Dockerfile works with the classic builder and with BuildKit, without a `# syntax` line (which
-# would fetch a frontend image from a registry).
+# Build secret (optional): pip_ca, a CA bundle for pip (a proxy or an index with a CA of its own):
+#   docker build --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# pip uses it instead of its own bundle (pass the whole bundle, not only the extra CA); it is mounted
+# for the one RUN step that installs and never stored in a layer.
+#
+# Needs BuildKit (RUN --mount: the secret, the wheel folder): the builder of Docker >= 23 and of docker compose v2; Docker
+# 20.10: DOCKER_BUILDKIT=1 (docker-compose 1.x: also COMPOSE_DOCKER_CLI_BUILD=1). No `# syntax` line:
+# the daemon's built-in Dockerfile frontend is used (a `# syntax` line would fetch one from a registry).
 
 ARG BASE_IMAGE=python:3.11-slim
-ARG PIP_SOURCE=wheels
+ARG PIP_SOURCE=index
 
 # ------------------------------------------------------------------------------------------------
-# the wheel folder, or none with PIP_SOURCE=index: a stage chosen by the argument (BuildKit skips the
-# other one; the classic builder builds both, so pyproject.toml is listed for the COPY to succeed
-# also when the folder is missing). The wheels never reach the final image.
+# the wheel folder (PIP_SOURCE=wheels), or none (index): a stage chosen by the argument, BuildKit skips
+# the other one. pyproject.toml is listed so that the COPY has a source when the folder holds no
+# wheel (the install step then says what to do); a folder that does not exist fails this COPY, which
+# names it (or, when the step is cached from an empty folder, the install step). The build stage mounts the stage (no copy, no layer): the wheels never reach an image.
 # ------------------------------------------------------------------------------------------------
 FROM scratch AS wheels-from-wheels
 ARG WHEELS=docker/wheels/serve
@@ -39,14 +53,17 @@ COPY pyproject.toml /wheels/
 FROM wheels-from-${PIP_SOURCE} AS wheels
 
 # ------------------------------------------------------------------------------------------------
-# build: a virtual environment with the serving extra, from the wheel folder (or the index)
+# build: a virtual environment with the serving extra, from the index (or the wheel folder)
 # ------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG PIP_SOURCE
 ARG WHEELS=docker/wheels/serve
-ARG CUDA_LIBS=false
+ARG VARIANT=cpu
 # the extras installed: "serve", or "serve,milvus" for the Milvus gallery (compose's scale profile)
 ARG EXTRAS=serve
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_TRUSTED_HOST=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
@@ -55,38 +72,47 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-COPY --from=wheels /wheels/ /tmp/wheels/
 COPY pyproject.toml README* /app/
 COPY dino/ /app/dino/
 COPY service/ /app/service/
 COPY training/ /app/training/
 
 # An editable install keeps the package at /app, so that service.settings finds the shipped models
-# in /app/models ("the first folder of <repo>/models"). setuptools (the build backend) comes from the
-# wheel folder too: --no-build-isolation, nothing is fetched. With CUDA_LIBS=true the directories of
-# the CUDA libraries (nvidia-* wheels) are listed for the dynamic loader of the final stage.
-RUN set -eu; \
+# in /app/models ("the first folder of <repo>/models"). setuptools (the build backend) is installed
+# first, from the same source: --no-build-isolation. VARIANT=gpu: the extra serve-gpu (onnxruntime-gpu)
+# in place of serve (onnxruntime; both wheels hold the module onnxruntime, never install both), plus
+# the CUDA libraries (nvidia-* wheels), whose directories are listed for the final stage's loader.
+# The wheel folder is mounted at /tmp/wheels for this step (empty but for pyproject.toml with
+# PIP_SOURCE=index). Empty PIP_* arguments are unset (pip would read an empty index URL); the CA bundle
+# of the secret pip_ca, when given, becomes PIP_CERT for this step only.
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
+    --mount=type=secret,id=pip_ca \
+    set -eu; \
     case "$PIP_SOURCE" in \
       wheels) src="--no-index --find-links /tmp/wheels" ;; \
       index)  src="--find-links /tmp/wheels" ;; \
-      *) echo "PIP_SOURCE must be 'wheels' or 'index', not '$PIP_SOURCE'" >&2; exit 1 ;; \
+      *) echo "PIP_SOURCE must be 'index' or 'wheels', not '$PIP_SOURCE'" >&2; exit 1 ;; \
     esac; \
-    case "$CUDA_LIBS" in \
-      true)  cuda="onnxruntime-gpu[cuda,cudnn]" ;; \
-      false) cuda="" ;; \
-      *) echo "CUDA_LIBS must be 'true' or 'false', not '$CUDA_LIBS'" >&2; exit 1 ;; \
+    case "$VARIANT" in \
+      cpu) extras=$EXTRAS; cuda="" ;; \
+      gpu) extras=$(printf ',%s,' "$EXTRAS" | sed 's/,serve,/,serve-gpu,/; s/^,//; s/,$//'); cuda="onnxruntime-gpu[cuda,cudnn]" ;; \
+      *) echo "VARIANT must be 'cpu' or 'gpu', not '$VARIANT'" >&2; exit 1 ;; \
     esac; \
     if [ "$PIP_SOURCE" = wheels ] && ! ls /tmp/wheels/*.whl >/dev/null 2>&1; then \
-      echo "no wheels in $WHEELS: prepare the folder with 'pip download' (docker/README.md) or build with --build-arg PIP_SOURCE=index" >&2; \
+      echo "no wheels in $WHEELS: prepare the folder with 'pip download' (docker/README.md), or build from the index (PIP_SOURCE=index, the default)" >&2; \
       exit 1; \
     fi; \
+    [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
+    [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
+    [ -n "$PIP_TRUSTED_HOST" ] || unset PIP_TRUSTED_HOST; \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+    echo "pip: VARIANT=$VARIANT, /app[$extras]${cuda:+ $cuda}, PIP_SOURCE=$PIP_SOURCE$([ "$PIP_SOURCE" = wheels ] && echo " ($WHEELS)")$([ -n "${PIP_INDEX_URL:-}" ] && echo ", PIP_INDEX_URL set")$([ -n "${PIP_EXTRA_INDEX_URL:-}" ] && echo ", PIP_EXTRA_INDEX_URL set")$([ -n "${PIP_TRUSTED_HOST:-}" ] && echo ", PIP_TRUSTED_HOST set")$([ -n "${PIP_CERT:-}" ] && echo ", CA bundle: secret pip_ca")"; \
     pip install $src "setuptools>=68"; \
-    pip install $src --no-build-isolation --editable "/app[$EXTRAS]" $cuda; \
+    pip install $src --no-build-isolation --editable "/app[$extras]" $cuda; \
     pip check; \
     mkdir -p /opt/venv/etc; \
     find /opt/venv/lib -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u > /opt/venv/etc/ld.so.nvidia.conf; \
-    python -m compileall -q /app/dino /app/service /app/training; \
-    rm -rf /tmp/wheels
+    python -m compileall -q /app/dino /app/service /app/training
 
 # ------------------------------------------------------------------------------------------------
 # models: the model folder(s) to ship, checked
@@ -128,7 +154,7 @@ RUN set -eu; \
     chown 10001:10001 /data/index
 
 COPY --from=build /opt/venv /opt/venv
-# CUDA_LIBS=true: register the CUDA libraries of the nvidia-* wheels (nothing to do otherwise)
+# VARIANT=gpu: register the CUDA libraries of the nvidia-* wheels (nothing to do otherwise)
 RUN if [ -s /opt/venv/etc/ld.so.nvidia.conf ]; then cp /opt/venv/etc/ld.so.nvidia.conf /etc/ld.so.conf.d/zz-dino-nvidia.conf && ldconfig; fi
 COPY --from=build /app /app
 COPY --from=models /models /app/models
@@ -143,8 +169,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     DINO_INDEX_DIR=/data/index \
     ORT_DISABLE_TELEMETRY=1
 
-# fail the build, not the container, when the default model does not resolve or torch slipped in
-RUN python -c "import importlib.util, sys; from service.settings import find_default_model; print('default model:', find_default_model()); sys.exit('torch must not be in the service image' if importlib.util.find_spec('torch') else 0)"
+# fail the build, not the container: the default model must resolve, torch must not have slipped in,
+# and the onnxruntime wheel must be the variant's one (onnxruntime or onnxruntime-gpu, not both)
+ARG VARIANT=cpu
+RUN python -c "import importlib.metadata as m, importlib.util, sys; from service.settings import find_default_model; print('default model:', find_default_model()); sys.exit('torch must not be in the service image') if importlib.util.find_spec('torch') else None; \
+have = {n: x.version for x in m.distributions() if (n := x.metadata['Name'].lower().replace('_', '-')) in ('onnxruntime', 'onnxruntime-gpu')}; \
+want = 'onnxruntime-gpu' if '$VARIANT' == 'gpu' else 'onnxruntime'; \
+sys.exit(f'VARIANT=$VARIANT needs {want} alone, found {have}') if list(have) != [want] else None; \
+import onnxruntime as o; print(f'{want} {have[want]}, providers {o.get_available_providers()}')"
 
 WORKDIR /app
 USER 10001:10001

@@ -9,6 +9,8 @@
 #     load balancer of compose.yaml's profile scale)
 #   - the wheels: pip download on the host for the images' python (cp311, manylinux x86_64), cached
 #     in $CACHE/wheels and hard-linked into docker/wheels/NAME (removed again by the teardown)
+#   - the package index for the build from the index: this machine's pip settings (pip config and
+#     PIP_* variables: index URLs, trusted hosts, the CA bundle), and whether a container reaches it
 #
 # Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR MIRROR PYTHON DOCKER
 # PY_VERSION BASE_TAG PY_TAG LB_TAG WITH_GPU WITH_TRAIN IN_REPO WORK; log, die.
@@ -124,12 +126,24 @@ platform_args() {   # sets PLATFORM_ARGS: pip download's --platform list
 
 requirements() {   # requirements EXTRA...: the project's requirements (and its build backend)
     "$PYTHON" - "$REPO/pyproject.toml" "$@" <<'EOF'
-import sys, tomllib
+import re, sys, tomllib
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)
-reqs = list(project["project"]["dependencies"])
+name, extras = project["project"]["name"], project["project"]["optional-dependencies"]
+reqs, seen = list(project["project"]["dependencies"]), set()
+def add(extra):   # an extra's requirements; the project's own extras in it (serve -> serve-core) expanded
+    if extra in seen:
+        return
+    seen.add(extra)
+    for req in extras[extra]:
+        own = re.fullmatch(re.escape(name) + r"\[([^\]]+)\]", req.strip())
+        if own:
+            for sub in own.group(1).split(","):
+                add(sub.strip())
+        else:
+            reqs.append(req)
 for extra in sys.argv[2:]:
-    reqs += project["project"]["optional-dependencies"][extra]
+    add(extra)
 reqs += project["build-system"]["requires"]
 print("\n".join(reqs))
 EOF
@@ -166,17 +180,79 @@ wheels() {   # wheels NAME REQUIREMENT...: cached download, linked to docker/whe
 # extras, for compose.yaml's profile scale) and, with --with-gpu-image and --with-train, serve-gpu and
 # train; sets TORCH_PINS (from the Makefile) for the training image
 download_wheels() {
-    local serve_reqs milvus_reqs train_reqs
+    local serve_reqs milvus_reqs gpu_reqs train_reqs
     platform_args
     mapfile -t serve_reqs < <(requirements serve)
     wheels serve "${serve_reqs[@]}"
     mapfile -t milvus_reqs < <(requirements serve milvus)
     wheels serve-milvus "${milvus_reqs[@]}"
-    if [ "$WITH_GPU" -eq 1 ]; then wheels serve-gpu "${serve_reqs[@]}" "onnxruntime-gpu[cuda,cudnn]"; fi
+    if [ "$WITH_GPU" -eq 1 ]; then
+        # the GPU variant: the extra serve-gpu (onnxruntime-gpu in place of onnxruntime) and the CUDA libraries
+        mapfile -t gpu_reqs < <(requirements serve-gpu)
+        wheels serve-gpu "${gpu_reqs[@]}" "onnxruntime-gpu[cuda,cudnn]"
+    fi
     TORCH_PINS=$(sed -n 's/^TORCH_PINS *:= *//p' "$REPO/Makefile")
     if [ "$WITH_TRAIN" -eq 1 ]; then
         mapfile -t train_reqs < <(requirements train)
         # shellcheck disable=SC2086   # TORCH_PINS: several requirements, split on purpose
         wheels train "${train_reqs[@]}" $TORCH_PINS
     fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# the package index, as this machine's pip sees it (for the build from the index)
+# ---------------------------------------------------------------------------------------------
+# INDEX_BUILD_ARGS: --build-arg PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_TRUSTED_HOST from the host's
+# pip settings (`pip config list`: the files and the PIP_* variables; install.* over global.*), only
+# http(s) URLs (file:// indexes of the host are not in the container); PIP_CA: the CA bundle of pip's
+# `cert` setting (DINO_PIP_CA overrides it), for the build secret pip_ca. Nothing here names a host.
+pip_index_settings() {
+    local config key value url urls=() hosts="" names
+    INDEX_BUILD_ARGS=() PIP_CA=${DINO_PIP_CA:-}
+    config=$("$PYTHON" -m pip config list 2>/dev/null || true)
+    setting() {   # setting KEY: the value pip uses (:env: over install. over global.), quotes removed
+        local k
+        for k in ":env:.$1" "install.$1" "global.$1"; do
+            value=$(awk -v k="$k" 'index($0, k "=") == 1 { sub(/^[^=]*=/, ""); print; exit }' <<<"$config")
+            if [ -n "$value" ]; then value=${value#\'}; printf '%s' "${value%\'}"; return 0; fi
+        done
+        return 0
+    }
+    for key in index-url extra-index-url; do
+        urls=()
+        for url in $(setting "$key"); do
+            case "$url" in
+                http://*|https://*) urls+=("$url") ;;
+                *) log "pip $key $url: not usable in a container (a path of this machine), left out" ;;
+            esac
+        done
+        if [ ${#urls[@]} -gt 0 ]; then
+            [ "$key" = index-url ] && INDEX_BUILD_ARGS+=(--build-arg "PIP_INDEX_URL=${urls[0]}")
+            [ "$key" = extra-index-url ] && INDEX_BUILD_ARGS+=(--build-arg "PIP_EXTRA_INDEX_URL=${urls[*]}")
+        fi
+    done
+    hosts=$(setting trusted-host)
+    [ -n "$hosts" ] && INDEX_BUILD_ARGS+=(--build-arg "PIP_TRUSTED_HOST=$hosts")
+    [ -n "$PIP_CA" ] || PIP_CA=$(setting cert)
+    if [ -n "$PIP_CA" ] && [ ! -s "$PIP_CA" ]; then log "pip's CA bundle $PIP_CA does not exist: left out"; PIP_CA=""; fi
+    # the settings' names only: index URLs may hold credentials
+    names=$(printf '%s\n' "${INDEX_BUILD_ARGS[@]}" | sed -n 's/^\(PIP_[A-Z_]*\)=.*/\1/p' | tr '\n' ' ')
+    log "the pip settings of this machine for the build: ${names:-none (the default index of pip)}; CA bundle: ${PIP_CA:-none (the bundle of pip)}"
+}
+
+# index_reachable: pip in the python image, on the host's network (--network host, as the build), with
+# the same settings and CA, downloads the build backend; INDEX_PROBE: why not, when it cannot
+index_reachable() {
+    local env_args=() arg mounts=()
+    for arg in "${INDEX_BUILD_ARGS[@]}"; do [ "$arg" = --build-arg ] || env_args+=(-e "$arg"); done
+    if [ -n "$PIP_CA" ]; then mounts=(-v "$PIP_CA:/run/secrets/pip_ca:ro"); env_args+=(-e PIP_CERT=/run/secrets/pip_ca); fi
+    if "$DOCKER" run --rm --network host "${mounts[@]}" "${env_args[@]}" -e PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY_TAG" \
+        python3 -m pip download --no-deps --no-cache-dir --timeout 20 --retries 1 --dest /tmp/probe "setuptools>=68" \
+        >"$LOG_DIR/index-probe.log" 2>&1; then
+        INDEX_PROBE=""
+        return 0
+    fi
+    # shellcheck disable=SC2034   # read by smoke_checks.sh
+    INDEX_PROBE=$(grep -E 'ERROR|Error|error' "$LOG_DIR/index-probe.log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)
+    return 1
 }

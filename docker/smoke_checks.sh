@@ -2,16 +2,23 @@
 # Part of docker/smoke_test.sh (sourced by it, not run on its own): the checks.
 #
 # The model to bake in, the service image (built with --network none from the local python image
-# and the wheel folder) and its checks, compose.yaml and compose.gpu.yaml, docker compose up, the
+# and the wheel folder, PIP_SOURCE=wheels) and its checks, the same image built from the package index
+# (the default PIP_SOURCE=index, when a container reaches it), compose.yaml and compose.gpu.yaml, docker compose up, the
 # requests (/readyz, /embed, the gallery across a restart, /neighbors, /healthz), the profile scale
 # with its stand-ins (the service image with the milvus extra, also running milvus-lite's server in
 # place of milvusdb/milvus; Debian's nginx in place of nginx:alpine), the optional GPU service and
 # training images, and docker compose down -v at the end.
 #
 # Uses from smoke_test.sh (SC2154 above: set there): REPO CACHE LOG_DIR DATA_ROOT PYTHON DOCKER
-# PY_TAG SERVICE_TAG SERVICE_GPU_TAG SERVICE_MILVUS_TAG LB_TAG SCALE_OVERRIDE TRAIN_TAG PROJECT
-# COMPOSE MODEL PORT TEMP_MODEL WORK IN_REPO COMPOSE_UP SCALE_UP, TORCH_PINS and build_lb_image
-# (smoke_base_and_wheels.sh); log, die, elapsed, compose.
+# PY_TAG SERVICE_TAG SERVICE_INDEX_TAG SERVICE_GPU_TAG SERVICE_MILVUS_TAG LB_TAG SCALE_OVERRIDE
+# TRAIN_TAG PROJECT COMPOSE MODEL PORT TEMP_MODEL WORK IN_REPO COMPOSE_UP SCALE_UP, TORCH_PINS,
+# build_lb_image, pip_index_settings, index_reachable, INDEX_BUILD_ARGS, PIP_CA, INDEX_PROBE
+# (smoke_base_and_wheels.sh); log, die, elapsed, end_phase, compose.
+
+# the lines a build step printed (BuildKit's plain progress: "#12 0.345 TEXT"), for the log
+build_output() {   # build_output LOG REGEX
+    sed -nE 's/^#[0-9]+ [0-9.]+ //p' "$1" | grep -E "$2" || true
+}
 
 # preflight: which model folder gets baked in (MODELS_ARG: models/, or docker/smoke-models/ with --temp-model)
 choose_models() {
@@ -56,34 +63,87 @@ export_backbone(build_backbone("vit_tiny", 16, 64), sys.argv[1], name="tmp", arc
     log "build context folder $MODELS_ARG/; served model: ${SERVED#"$REPO"/} (name $MODEL_NAME, embedding dim $EMBED_DIM)"
 }
 
-# phase "build service image": --network none, from the python image and docker/wheels/serve
+# phase "build service image (wheels)": air-gapped, PIP_SOURCE=wheels and --network none, from the
+# python image and docker/wheels/serve: the CPU variant (onnxruntime), the image compose up runs
 build_service_image() {
-    build_args=(--build-arg "BASE_IMAGE=$PY_TAG" --build-arg "MODELS=$MODELS_ARG")
-    if [ -n "$MODEL" ]; then build_args+=(--build-arg "MODEL=$MODEL"); fi
-    log "docker build --network none -f docker/service.Dockerfile ${build_args[*]} -t $SERVICE_TAG (log: $LOG_DIR/build-service.log)"
-    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" -t "$SERVICE_TAG" "$REPO" \
+    local out
+    base_args=(--build-arg "BASE_IMAGE=$PY_TAG" --build-arg "MODELS=$MODELS_ARG")
+    if [ -n "$MODEL" ]; then base_args+=(--build-arg "MODEL=$MODEL"); fi
+    build_args=("${base_args[@]}" --build-arg PIP_SOURCE=wheels)
+    log "docker build --network none --progress plain -f docker/service.Dockerfile ${build_args[*]} -t $SERVICE_TAG (log: $LOG_DIR/build-service.log)"
+    "$DOCKER" build --network none --progress plain -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" -t "$SERVICE_TAG" "$REPO" \
         >"$LOG_DIR/build-service.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service.log" >&2; die "building the service image failed"; }
-    grep -E '^(default model|model folder):' "$LOG_DIR/build-service.log" | sed 's/^/    build: /' || true
+    out=$(build_output "$LOG_DIR/build-service.log" '^(pip: VARIANT|default model|model folder|onnxruntime)')
+    printf '%s\n' "${out:-every step cached}" | sed 's/^/    build: /'
+    # the opt-in path without its folder: the build must stop, naming the folder (BuildKit's COPY
+    # fails on it; or, when that COPY step is cached from an empty folder, the install step says so)
+    if "$DOCKER" build --network none --progress plain -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
+        --build-arg WHEELS=docker/wheels/missing -t dino-smoke-no-wheels "$REPO" >"$LOG_DIR/build-no-wheels.log" 2>&1; then
+        die "PIP_SOURCE=wheels with a missing wheel folder built an image"
+    fi
+    out=$(grep -m 1 -oE 'docker/wheels/missing: no such file or directory|no wheels in docker/wheels/missing: [^(]*' "$LOG_DIR/build-no-wheels.log") ||
+        { tail -n 20 "$LOG_DIR/build-no-wheels.log" >&2; die "PIP_SOURCE=wheels with a missing wheel folder: not the expected error"; }
+    log "PIP_SOURCE=wheels without its folder stops the build: ${out% }"
 }
 
-# phase "check service image": non-root, HEALTHCHECK on /readyz, no torch, no compiler, /data/index writable
+# phase "build service image (index)": the build of a connected user, from the package index with the
+# Dockerfile's default PIP_SOURCE=index, on the host's network, with this machine's pip settings and
+# its CA bundle as the build secret pip_ca; skipped (with the reason) when a container cannot reach the
+# index. Checked like the air-gapped image; their package lists are compared (logged, not asserted:
+# the index may have newer releases than the cached wheels).
+build_service_image_from_index() {
+    local secret=() diff_out
+    pip_index_settings
+    if ! index_reachable; then
+        log "a container on the host's network cannot download from the index: ${INDEX_PROBE:-see $LOG_DIR/index-probe.log}"
+        end_phase "skipped: index unreachable from a container"
+        return 0
+    fi
+    log "a container on the host's network reaches the index (pip download of setuptools: ok)"
+    if [ -n "$PIP_CA" ]; then secret=(--secret "id=pip_ca,src=$PIP_CA"); fi
+    log "docker build --network host --progress plain -f docker/service.Dockerfile ${base_args[*]}${secret[*]:+ ${secret[*]}} [pip settings] -t $SERVICE_INDEX_TAG (log: $LOG_DIR/build-service-index.log)"
+    "$DOCKER" build --network host --progress plain -f "$REPO/docker/service.Dockerfile" "${base_args[@]}" "${INDEX_BUILD_ARGS[@]}" \
+        "${secret[@]}" -t "$SERVICE_INDEX_TAG" "$REPO" >"$LOG_DIR/build-service-index.log" 2>&1 ||
+        { tail -n 40 "$LOG_DIR/build-service-index.log" >&2; die "building the service image from the index failed (the probe reached it)"; }
+    build_output "$LOG_DIR/build-service-index.log" '^(pip: VARIANT|onnxruntime)' | sed 's/^/    build: /'
+    check_service_image "$SERVICE_INDEX_TAG"
+    # the CA bundle was a secret: it must not be in any layer of the image
+    if [ -n "$PIP_CA" ]; then
+        "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_INDEX_TAG" -c 'test ! -e /run/secrets/pip_ca' || die "the CA bundle is in the image"
+        "$DOCKER" history --no-trunc "$SERVICE_INDEX_TAG" | grep -q 'PIP_CERT=/run' && die "PIP_CERT in the image history"
+        log "the CA bundle (secret pip_ca) is in no layer and not in the image history"
+    fi
+    diff_out=$(diff <(image_packages "$SERVICE_TAG") <(image_packages "$SERVICE_INDEX_TAG") | grep -E '^[<>]' | tr '\n' ' ' || true)
+    log "installed packages, wheels image vs index image: ${diff_out:-the same $(image_packages "$SERVICE_TAG" | wc -l) packages and versions}"
+}
+
+image_packages() {   # image_packages TAG: name==version of every package in the image's venv, sorted
+    "$DOCKER" run --rm --network none --entrypoint python "$1" -m pip list --format freeze --disable-pip-version-check 2>/dev/null |
+        grep -v '^dino-platform' | sort
+}
+
+# phase "check service image": non-root, HEALTHCHECK on /readyz, no torch, no compiler, /data/index
+# writable, the CPU variant's onnxruntime (not onnxruntime-gpu, no CUDA libraries); the image TAG
+# (default: the air-gapped one)
 check_service_image() {
-    local img_user
-    img_user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$SERVICE_TAG")
+    local img_user tag=${1:-$SERVICE_TAG}
+    img_user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$tag")
     [ "$img_user" = "10001:10001" ] || die "the image runs as '$img_user', not 10001:10001"
     log "user: $img_user"
-    "$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$SERVICE_TAG" | grep -q readyz || die "no HEALTHCHECK on /readyz"
-    log "healthcheck: $("$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$SERVICE_TAG" | cut -c1-110)..."
-    log "exposed: $("$DOCKER" image inspect -f '{{json .Config.ExposedPorts}}' "$SERVICE_TAG"), volumes: $("$DOCKER" image inspect -f '{{json .Config.Volumes}}' "$SERVICE_TAG")"
+    "$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$tag" | grep -q readyz || die "no HEALTHCHECK on /readyz"
+    log "healthcheck: $("$DOCKER" image inspect -f '{{json .Config.Healthcheck.Test}}' "$tag" | cut -c1-110)..."
+    log "exposed: $("$DOCKER" image inspect -f '{{json .Config.ExposedPorts}}' "$tag"), volumes: $("$DOCKER" image inspect -f '{{json .Config.Volumes}}' "$tag")"
     # shellcheck disable=SC2016   # expanded in the container
-    "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_TAG" -c '
+    "$DOCKER" run --rm --network none --entrypoint sh "$tag" -c '
         set -e
         python -c "import importlib.util as u, sys; bad = [m for m in (\"torch\", \"torchvision\", \"timm\") if u.find_spec(m)]; sys.exit(\"found \" + \" \".join(bad) if bad else 0)"
         for tool in gcc cc g++ make; do if command -v $tool >/dev/null; then echo "compiler $tool in the image" >&2; exit 1; fi; done
         test -w /data/index
-        echo "    in the container: uid $(id -u), no torch/timm, no compiler, /data/index writable, onnxruntime $(python -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())")"
-    ' || die "service image checks failed"
-    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+        python -m pip show --quiet onnxruntime-gpu 2>/dev/null && { echo "onnxruntime-gpu in the CPU image" >&2; exit 1; }
+        if ls -d /opt/venv/lib/python3*/site-packages/nvidia 2>/dev/null; then echo "CUDA libraries (nvidia-*) in the CPU image" >&2; exit 1; fi
+        echo "    in the container: uid $(id -u), no torch/timm, no compiler, /data/index writable, $(python -c "import importlib.metadata as m, onnxruntime as o; print(\"onnxruntime\", m.version(\"onnxruntime\"), o.get_available_providers())"), no onnxruntime-gpu, no CUDA libraries"
+    ' || die "service image checks failed ($tag)"
+    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$tag" | awk '{ printf "%.0f MB", $1 / 1e6 }') ($tag)"
 }
 
 # phase "build scale-out images": compose.yaml's replica image (EXTRAS=serve,milvus, the wheels of
@@ -91,7 +151,7 @@ check_service_image() {
 # gRPC server), and the nginx stand-in (build_lb_image, smoke_base_and_wheels.sh)
 build_scale_images() {
     log "docker build --network none ... --build-arg EXTRAS=serve,milvus --build-arg WHEELS=docker/wheels/serve-milvus -t $SERVICE_MILVUS_TAG (log: $LOG_DIR/build-service-milvus.log)"
-    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
+    "$DOCKER" build --network none --progress plain -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
         --build-arg EXTRAS=serve,milvus --build-arg WHEELS=docker/wheels/serve-milvus -t "$SERVICE_MILVUS_TAG" "$REPO" \
         >"$LOG_DIR/build-service-milvus.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service-milvus.log" >&2; die "building the milvus service image failed"; }
     # shellcheck disable=SC2016   # expanded in the container
@@ -105,11 +165,15 @@ build_scale_images() {
     build_lb_image
 }
 
-# phase "validate compose files": compose.yaml (with its train profile) and compose.gpu.yaml on top
+# phase "validate compose files": compose.yaml (with its train profile) and compose.gpu.yaml on top;
+# the defaults of a fresh clone (PIP_SOURCE unset): the CPU variant from the index
 validate_compose_files() {
-    local gpu_config want services
-    compose config -q
-    log "compose.yaml: valid; services: $(compose config --services | tr '\n' ' ')"
+    local config gpu_config want services
+    config=$(PIP_SOURCE='' compose config)
+    for want in "PIP_SOURCE: index" "VARIANT: cpu"; do
+        grep -q "$want" <<<"$config" || die "compose.yaml: '$want' missing in the service's build arguments"
+    done
+    log "compose.yaml: valid; services: $(compose config --services | tr '\n' ' '); build defaults: PIP_SOURCE index, VARIANT cpu"
     # captured first: grep -q stops reading at the match, and the writer's SIGPIPE would fail the pipe
     services=$(compose --profile train --profile scale config --services)
     grep -qx train <<<"$services" || die "compose.yaml has no train service in the train profile"
@@ -118,10 +182,10 @@ validate_compose_files() {
     done
     log "compose.yaml profile scale: valid; services: $(grep -E '^(milvus|replica-.|lb)$' <<<"$services" | tr '\n' ' ')"
     gpu_config=$("${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$REPO" -f "$REPO/compose.yaml" -f "$REPO/compose.gpu.yaml" --profile train config)
-    for want in "driver: nvidia" "capabilities:" "DINO_PROVIDER: cuda" "CUDA_LIBS:"; do
+    for want in "driver: nvidia" "capabilities:" "DINO_PROVIDER: cuda" "VARIANT: gpu" "dino-service:gpu"; do
         grep -q "$want" <<<"$gpu_config" || die "compose.yaml + compose.gpu.yaml: '$want' missing"
     done
-    log "compose.yaml + compose.gpu.yaml: valid; NVIDIA device reservations: $(grep -c 'driver: nvidia' <<<"$gpu_config")"
+    log "compose.yaml + compose.gpu.yaml: valid; VARIANT gpu (dino-service:gpu); NVIDIA device reservations: $(grep -c 'driver: nvidia' <<<"$gpu_config")"
     compose --profile scale -f "$SCALE_OVERRIDE" config -q
     log "compose.yaml + ${SCALE_OVERRIDE#"$REPO"/} (the smoke test's stand-ins for the profile scale): valid"
 }
@@ -154,13 +218,25 @@ wait_ready() {   # wait_ready SECONDS
     die "/readyz did not answer 200 within $1 s"
 }
 
-# phase "docker compose up": on 127.0.0.1:PORT (8000 or a free one); waits for /readyz and the health
+# phase "docker compose up": compose.yaml builds the service image itself (its build section and
+# arguments, as `docker compose up` does on a fresh clone), air-gapped: PIP_SOURCE=wheels, the local
+# python image, and an override that builds with --network none (the stages are cached from the
+# docker build above: same Dockerfile, same argument values); then up on 127.0.0.1:PORT (8000 or a
+# free one); waits for /readyz and the health
 compose_up() {
-    local t0 health
+    local t0 health pip_line
     if [ -z "$PORT" ]; then PORT=$(free_port 8000); fi
     export DINO_PUBLISH=127.0.0.1:$PORT DINO_SERVICE_IMAGE=$SERVICE_TAG
     unset DINO_API_KEY
     URL=http://127.0.0.1:$PORT
+    printf 'services:\n  service:\n    build:\n      network: none\n' > "$WORK/compose.build-offline.yaml"
+    log "PIP_SOURCE=wheels BASE_IMAGE=$PY_TAG compose build service, build network none (log: $LOG_DIR/compose-build.log)"
+    # compose 1.x runs `docker build` from PATH: this daemon's client first (BuildKit without buildx)
+    PATH=$(dirname "$DOCKER"):$PATH PIP_SOURCE=wheels BASE_IMAGE=$PY_TAG DINO_MODELS=$MODELS_ARG DINO_MODEL=$MODEL \
+        compose -f "$WORK/compose.build-offline.yaml" build service >"$LOG_DIR/compose-build.log" 2>&1 ||
+        { tail -n 40 "$LOG_DIR/compose-build.log" >&2; die "compose build service failed"; }
+    pip_line=$(build_output "$LOG_DIR/compose-build.log" '^pip: VARIANT' | head -n 1)
+    log "compose build: $SERVICE_TAG $("$DOCKER" image inspect -f '{{.Id}}' "$SERVICE_TAG" | cut -c8-19); ${pip_line:-the install step cached from the docker build}"
     COMPOSE_UP=1
     compose up -d --no-build service 2>&1 | sed 's/^/    /'
     CID=$(compose ps -q service)
@@ -175,6 +251,7 @@ compose_up() {
     done
     [ "$health" = healthy ] || die "the container's health is '$health', not healthy"
     log "container health: healthy after another $(elapsed "$t0") s (HEALTHCHECK on /readyz)"
+    end_phase "ok: $SERVICE_TAG, built by compose with PIP_SOURCE=wheels, network none"
 }
 
 # the photo the requests post (PHOTO): DINO_SMOKE_PHOTO, matplotlib's sample photo, else a drawn one
@@ -357,30 +434,33 @@ EOF
     log "GET /index/$image_id/image through the load balancer ($(grep -i '^server:' "$WORK/scale-image.headers" | tr -d '\r' | cut -d' ' -f2-)): $(wc -c < "$WORK/scale-image.jpg") bytes of JPEG"
 }
 
-# phase "build + check GPU service image" (--with-gpu-image): built and checked, not run
+# phase "build + check GPU service image" (--with-gpu-image): VARIANT=gpu from docker/wheels/serve-gpu
+# (--network none), built and checked, not run
 check_gpu_image() {
-    log "docker build ... CUDA_LIBS=true WHEELS=docker/wheels/serve-gpu -t $SERVICE_GPU_TAG (log: $LOG_DIR/build-service-gpu.log)"
-    "$DOCKER" build --network none -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
-        --build-arg CUDA_LIBS=true --build-arg WHEELS=docker/wheels/serve-gpu -t "$SERVICE_GPU_TAG" "$REPO" \
+    log "docker build --network none ... --build-arg VARIANT=gpu --build-arg WHEELS=docker/wheels/serve-gpu -t $SERVICE_GPU_TAG (log: $LOG_DIR/build-service-gpu.log)"
+    "$DOCKER" build --network none --progress plain -f "$REPO/docker/service.Dockerfile" "${build_args[@]}" \
+        --build-arg VARIANT=gpu --build-arg WHEELS=docker/wheels/serve-gpu -t "$SERVICE_GPU_TAG" "$REPO" \
         >"$LOG_DIR/build-service-gpu.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-service-gpu.log" >&2; die "building the GPU service image failed"; }
+    build_output "$LOG_DIR/build-service-gpu.log" '^(pip: VARIANT|onnxruntime)' | sed 's/^/    build: /'
     # shellcheck disable=SC2016   # expanded in the container
     "$DOCKER" run --rm --network none --entrypoint sh "$SERVICE_GPU_TAG" -c '
         set -e
         for lib in libcudart.so libcublas.so libcudnn.so libcufft.so libcurand.so; do
             ldconfig -p | grep -q "$lib" || { echo "$lib is not known to the dynamic loader" >&2; exit 1; }
         done
-        python -c "import onnxruntime as o; p = o.get_available_providers(); assert \"CUDAExecutionProvider\" in p, p; print(\"    GPU image: CUDA libraries registered; onnxruntime providers\", p)"
+        python -m pip show --quiet onnxruntime 2>/dev/null && { echo "onnxruntime (CPU) next to onnxruntime-gpu" >&2; exit 1; }
+        python -c "import importlib.metadata as m, onnxruntime as o; p = o.get_available_providers(); assert \"CUDAExecutionProvider\" in p, p; print(\"    GPU image: CUDA libraries registered; onnxruntime-gpu\", m.version(\"onnxruntime-gpu\"), \"alone, providers\", p)"
     ' || die "GPU service image checks failed"
-    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_GPU_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+    log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_GPU_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }') ($SERVICE_GPU_TAG; $SERVICE_TAG: $("$DOCKER" image inspect -f '{{.Size}}' "$SERVICE_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }'))"
 }
 
 # phase "build + check training image" (--with-train): built, then `docker compose run train --help`
 check_train_image() {
     log "docker build --network none -f docker/train.Dockerfile -t $TRAIN_TAG (log: $LOG_DIR/build-train.log)"
-    "$DOCKER" build --network none -f "$REPO/docker/train.Dockerfile" --build-arg "BASE_IMAGE=$PY_TAG" \
-        --build-arg "TORCH_PINS=$TORCH_PINS" -t "$TRAIN_TAG" "$REPO" \
+    "$DOCKER" build --network none --progress plain -f "$REPO/docker/train.Dockerfile" --build-arg "BASE_IMAGE=$PY_TAG" \
+        --build-arg PIP_SOURCE=wheels --build-arg "TORCH_PINS=$TORCH_PINS" -t "$TRAIN_TAG" "$REPO" \
         >"$LOG_DIR/build-train.log" 2>&1 || { tail -n 40 "$LOG_DIR/build-train.log" >&2; die "building the training image failed"; }
-    grep -E '^torch ' "$LOG_DIR/build-train.log" | sed 's/^/    build: /' || true
+    build_output "$LOG_DIR/build-train.log" '^torch ' | sed 's/^/    build: /'
     mkdir -p "$WORK/images"
     DINO_TRAIN_DATA=$WORK/images DINO_TRAIN_IMAGE=$TRAIN_TAG compose run --rm --no-deps train --help >"$WORK/train-help.txt" 2>&1 ||
         { cat "$WORK/train-help.txt" >&2; die "docker compose run train --help failed"; }
@@ -389,10 +469,14 @@ check_train_image() {
     log "size: $("$DOCKER" image inspect -f '{{.Size}}' "$TRAIN_TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 }
 
-# phase "images": what the daemon holds now (kept in the cache for the next run)
+# phase "images": what the daemon holds now (kept in the cache for the next run); the images that a
+# rebuild untagged are removed (BuildKit keeps its build cache apart, bounded by the daemon's GC)
 list_images() {
+    log "removing untagged images: $("$DOCKER" image prune -f 2>&1 | tail -n 1)"
+    # the daemon's GC (daemon.json) runs in the background; bound the build cache now as well
+    log "BuildKit build cache above 10 GB: $("$DOCKER" builder prune -f --keep-storage 10GB 2>&1 | tail -n 1)"
     "$DOCKER" images --filter dangling=false --format 'table {{.Repository}}:{{.Tag}}\t{{.ID}}\t{{.CreatedSince}}\t{{.Size}}' | sed 's/^/    /'
-    log "(+ $("$DOCKER" images -q --filter dangling=true | wc -l) untagged build-stage images, kept in $DATA_ROOT as build cache)"
+    log "BuildKit build cache in $DATA_ROOT: $("$DOCKER" system df --format '{{.Type}} {{.Size}}' 2>/dev/null | awk '/Build Cache/ { print $3 }')"
 }
 
 # teardown: the logs when the run failed, then docker compose down -v (containers, network, volumes),

@@ -2,12 +2,13 @@
 # Part of docker/smoke_test.sh (sourced by it, not run on its own): the private Docker daemon.
 #
 # A dockerd of its own (socket, exec-root $RUN_DIR/exec and data-root $DATA_ROOT; no docker0 bridge,
-# no iptables rules), the Debian packages it needs, and everything to leave the machine as it was:
-# stopping the daemon by its PID, its containerd and shims, unmounting, and removing the network
-# links, iptables rules and runtime directories that appeared during the run, also those of a
-# previous run that was killed.
+# no iptables rules; its containers in the cgroup /$CGROUP_PARENT; BuildKit with a bounded build
+# cache), the Debian packages it needs, and everything to leave the machine as it was: stopping the
+# daemon by its PID, its containerd and shims, the processes of its containers, unmounting, and
+# removing the network links, iptables rules and runtime directories that appeared during the run,
+# also those of a previous run that was killed.
 #
-# Uses from smoke_test.sh: RUN_DIR DATA_ROOT CACHE LOG_DIR DOCKER DOCKERD RUN_PATHS and the state
+# Uses from smoke_test.sh: RUN_DIR DATA_ROOT CACHE LOG_DIR DOCKER DOCKERD RUN_PATHS CGROUP_PARENT and the state
 # variables DOCKERD_PID LINKS_BEFORE IPT_BEFORE IP_FORWARD_BEFORE RUN_PATHS_BEFORE COMPOSE;
 # log, die, compose (SC2154 above: set there).
 
@@ -19,6 +20,29 @@ our_pids() {
         [ "$pid" = "$$" ] && continue
         { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF "$RUN_DIR/" && echo "$pid"
     done
+    return 0
+}
+
+# processes in the cgroups of this dockerd's containers (--cgroup-parent /$CGROUP_PARENT): when a
+# daemon or its shims are killed (a killed run), the containers' processes outlive them, reparented to
+# PID 1; they are ours by their cgroup, whatever their command line
+our_container_pids() {
+    local f pid
+    for f in /proc/[0-9]*/cgroup; do
+        pid=${f#/proc/}; pid=${pid%/cgroup}
+        [ "$pid" = "$$" ] && continue
+        grep -qE ":/${CGROUP_PARENT}/" "$f" 2>/dev/null && echo "$pid"
+    done
+    return 0
+}
+
+stop_container_processes() {   # stop_container_processes WHY: TERM, then KILL what is left after 5 s
+    local pid pids
+    pids=$(our_container_pids)
+    [ -n "$pids" ] || return 0
+    for pid in $pids; do log "stopping container process $pid ($1): $({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | cut -c1-80)"; kill -TERM "$pid" 2>/dev/null; done
+    for _ in $(seq 1 10); do [ -n "$(our_container_pids)" ] || return 0; sleep 0.5; done
+    for pid in $(our_container_pids); do kill -KILL "$pid" 2>/dev/null; done
     return 0
 }
 
@@ -83,6 +107,7 @@ cleanup_previous_run() {
         fi
     fi
     for pid in $(our_pids); do log "stopping leftover process $pid of a previous run"; kill -KILL "$pid" 2>/dev/null || true; done
+    stop_container_processes "a previous run"
     unmount_under "$RUN_DIR" "$DATA_ROOT" "$CACHE/base/rootfs"
     if [ -f "$RUN_DIR/run-paths-before" ]; then   # that run's daemon created these outside its exec-root
         for path in $RUN_PATHS; do
@@ -126,15 +151,19 @@ start_dockerd() {
     RUN_PATHS_BEFORE=$(for p in $RUN_PATHS; do [ -e "$p" ] && echo "$p"; done; true)
     mkdir -p "$RUN_DIR" "$DATA_ROOT"
     printf '%s\n' "$RUN_PATHS_BEFORE" > "$RUN_DIR/run-paths-before"   # for the next run, should this one be killed
-    echo '{}' > "$RUN_DIR/daemon.json"       # ignore /etc/docker/daemon.json
+    # not /etc/docker/daemon.json: BuildKit's build cache is garbage-collected above 10 GB (the GPU
+    # image's build stage alone holds ~5 GB)
+    echo '{"builder": {"gc": {"enabled": true, "defaultKeepStorage": "10GB"}}}' > "$RUN_DIR/daemon.json"
     export DOCKER_HOST=unix://$RUN_DIR/docker.sock
     export DOCKER_CONFIG=$CACHE/docker-cli   # the client's config too: nothing written to ~/.docker
-    export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}
-    export COMPOSE_DOCKER_CLI_BUILD=0
+    # the Dockerfiles need BuildKit (the build secret pip_ca); compose only starts the built images
+    export DOCKER_BUILDKIT=1
+    export COMPOSE_DOCKER_CLI_BUILD=1
     "$DOCKERD" --config-file "$RUN_DIR/daemon.json" \
         --host "$DOCKER_HOST" --pidfile "$RUN_DIR/dockerd.pid" \
         --exec-root "$RUN_DIR/exec" --data-root "$DATA_ROOT" \
         --storage-driver overlay2 --bridge none --iptables=false --ip-forward=false --ip-masq=false \
+        --cgroup-parent "/$CGROUP_PARENT" \
         --log-level warn >"$LOG_DIR/dockerd.log" 2>&1 9>&- &   # 9: smoke_test.sh's lock, not for the daemon
     DOCKERD_PID=$!
     log "dockerd pid $DOCKERD_PID, socket $DOCKER_HOST, data-root $DATA_ROOT (log: $LOG_DIR/dockerd.log)"
@@ -162,6 +191,7 @@ teardown_dockerd() {   # teardown_dockerd EXIT_STATUS
     for pid in $(our_pids); do log "stopping leftover process $pid: $({ tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | cut -c1-100)"; kill -TERM "$pid" 2>/dev/null; done
     sleep 0.5
     for pid in $(our_pids); do kill -KILL "$pid" 2>/dev/null; done
+    stop_container_processes "its daemon is gone"
     unmount_under "$RUN_DIR" "$DATA_ROOT" "$CACHE/base/rootfs"
     # network: links (bridges, veths) and iptables rules that appeared during this run
     if [ -n "$LINKS_BEFORE" ]; then

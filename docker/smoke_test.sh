@@ -9,11 +9,18 @@
 #      python image on top of it (Debian's python3, python3-venv, python3-pip from the Debian mirror)
 #   4. downloads the service's wheels on the host (pip download, cp311 manylinux x86_64) into
 #      docker/wheels/serve, and with the milvus extra into docker/wheels/serve-milvus
-#   5. builds docker/service.Dockerfile with --network none (wheels + local base: no network at all),
-#      also with EXTRAS=serve,milvus (dino-service-milvus), and an nginx image from Debian's package
-#   6. checks the image (non-root, HEALTHCHECK, no torch, no compiler), validates compose.yaml, the
-#      GPU override (docker compose -f compose.yaml -f compose.gpu.yaml config) and the scale-out one
-#   7. docker compose up; waits for /readyz and the container's health; posts a photo to /embed and
+#   5. builds docker/service.Dockerfile (BuildKit) air-gapped: PIP_SOURCE=wheels and --network none
+#      (wheels + local base: no network at all), the CPU variant (onnxruntime); the image that
+#      compose up runs. Also with EXTRAS=serve,milvus (dino-service-milvus), and an nginx image from
+#      Debian's package
+#   6. checks the image (non-root, HEALTHCHECK, no torch, no compiler, onnxruntime and not
+#      onnxruntime-gpu); builds it once more the way a connected user does, from the package index
+#      (PIP_SOURCE=index, the default; --network host, pip's index settings and CA bundle of this
+#      machine: `pip config`, the CA as the build secret pip_ca), when a container reaches the index
+#      (else the phase says why and is skipped); validates compose.yaml, the GPU override (docker
+#      compose -f compose.yaml -f compose.gpu.yaml config) and the scale-out one
+#   7. compose builds the service image from its own build section (PIP_SOURCE=wheels, build network
+#      none: cached from step 5), docker compose up; waits for /readyz and the container's health; posts a photo to /embed and
 #      checks the answer; adds it to the gallery, restarts the service and finds it again (the
 #      gallery index lives on the named volume)
 #   8. the profile scale of compose.yaml, brought up with local stand-ins for the two images that
@@ -22,16 +29,17 @@
 #      Debian's nginx (dino-nginx:bookworm) for nginx:alpine; adds a photo through replica-a, finds
 #      it through replica-b and fetches its image through the load balancer
 #   9. tears everything down, also on failure: docker compose --profile scale down -v, dockerd stopped by its PID,
-#      leftover mounts, processes, network links and iptables rules of this run removed, and the
+#      leftover mounts, processes (also its containers', by their cgroup), network links and iptables rules of this run removed, and the
 #      wheel folders (hard links into the cache) and temporary model it put into the working tree
 #
 # The debootstrap tarball, the wheels, the temporary model and the daemon's data-root (with the
 # images, so that a rerun reuses them) are cached in $DINO_DOCKER_CACHE (default ~/.cache/dino-docker).
 #
-# Usage: docker/smoke_test.sh [--temp-model] [--with-train] [--with-gpu-image] [--model NAME] [--fresh] [--port N]
+# Usage: docker/smoke_test.sh [--temp-model] [--with-train] [--with-gpu-image] [--no-index-build] [--model NAME] [--fresh] [--port N]
 #   --with-train      also build the training image (downloads torch with CUDA: several GB)
-#   --with-gpu-image  also build the GPU service image (CUDA_LIBS=true, ~2 GB of CUDA wheels); it is
-#                     checked but not run (no GPU needed)
+#   --with-gpu-image  also build the GPU service image (VARIANT=gpu: onnxruntime-gpu and its CUDA
+#                     libraries, ~1.6 GB of wheels in docker/wheels/serve-gpu); it is checked but not run (no GPU needed)
+#   --no-index-build  skip the build from the package index (step 6)
 #   --temp-model      when models/ holds no model folder, export a tiny temporary model (vit_tiny,
 #                     64 px, random weights; needs the train extra in .venv) into docker/smoke-models/
 #   --model NAME      the model folder of models/ to ship (build argument MODEL; default: all of them,
@@ -42,7 +50,7 @@
 #   DINO_WHEEL_GLIBC_MINOR (newest manylinux_2_N tag of the downloaded wheels; default 36, bookworm),
 #   PYTHON (host python with pip, for pip download; default python3), DINO_SMOKE_PHOTO (a JPEG/PNG
 #   to post; default: matplotlib's sample photo from .venv, else a generated image),
-#   DOCKER_BUILDKIT (0 or 1; default 0: the classic builder of Debian's docker.io).
+#   DINO_PIP_CA (the CA bundle for the build from the index; default: pip's `cert` setting, if any).
 set -euo pipefail
 #
 # This file holds the options, the progress log, the teardown and the order of the phases; the parts
@@ -67,6 +75,7 @@ BASE_TAG=dino-debian:bookworm
 PY_TAG=dino-python:$PY_VERSION
 SERVICE_TAG=dino-service:latest
 SERVICE_GPU_TAG=dino-service:gpu
+SERVICE_INDEX_TAG=dino-service:index   # the same image, built from the package index
 TRAIN_TAG=dino-train:latest
 # the profile scale: the service with the milvus extra (also the Milvus stand-in: milvus-lite's
 # server), the nginx stand-in, and the override that runs them in place of milvusdb/milvus and nginx
@@ -74,14 +83,16 @@ SERVICE_MILVUS_TAG=dino-service-milvus:latest
 LB_TAG=dino-nginx:bookworm
 SCALE_OVERRIDE=$REPO/docker/compose.smoke-scale.yaml
 PROJECT=dino-smoke
+CGROUP_PARENT=dino-docker-smoke       # the cgroup of this run's containers (found again after a killed run)
 # created by dockerd/containerd/runc outside the exec-root (shim sockets, plugin sockets, runc state)
 RUN_PATHS="/run/containerd /run/docker /run/runc"
 
-WITH_TRAIN=0 WITH_GPU=0 TEMP_MODEL=0 FRESH=0 MODEL="" PORT=""
+WITH_TRAIN=0 WITH_GPU=0 INDEX_BUILD=1 TEMP_MODEL=0 FRESH=0 MODEL="" PORT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --with-train) WITH_TRAIN=1 ;;
         --with-gpu-image) WITH_GPU=1 ;;
+        --no-index-build) INDEX_BUILD=0 ;;
         --temp-model) TEMP_MODEL=1 ;;
         --model) MODEL=${2:?--model needs a name}; shift ;;
         --fresh) FRESH=1 ;;
@@ -100,7 +111,7 @@ PHASE="" PHASE_T0=0
 T0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 log() { printf '    %s\n' "$*"; }
-end_phase() {   # end_phase [status]
+end_phase() {   # end_phase [status]: the phase's line in the summary (default ok)
     if [ -n "$PHASE" ]; then
         PHASES+=("$(printf '%-34s %7ss  %s' "$PHASE" "$(elapsed "$PHASE_T0")" "${1:-ok}")")
         PHASE=""
@@ -193,8 +204,11 @@ phase "base image (debootstrap)";   build_base_image
 phase "python image";               build_python_image
 phase "wheels (pip download)";      download_wheels
 phase "model";                      prepare_model
-phase "build service image";        build_service_image
+phase "build service image (wheels)"; build_service_image
 phase "check service image";        check_service_image
+if [ $INDEX_BUILD -eq 1 ]; then
+    phase "build service image (index)"; build_service_image_from_index
+fi
 phase "build scale-out images";     build_scale_images
 phase "validate compose files";     validate_compose_files
 phase "docker compose up";          compose_up

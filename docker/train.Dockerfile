@@ -8,21 +8,30 @@
 # Build arguments:
 #   BASE_IMAGE   any Debian/Ubuntu-like image with python3 (>= 3.11) and its venv module
 #                (default python:3.11-slim; air-gapped: a local image, e.g. dino-python:3.11)
-#   PIP_SOURCE   wheels (default): install only from the wheel folder, no network at all;
-#                index: use the package index too (the wheel folder may then be empty or missing)
-#   WHEELS       wheel folder in the build context (default docker/wheels/train, several GB with
-#                torch's CUDA libraries), prepared with `pip download` on a connected host
+#   PIP_SOURCE   index (default): packages from the package index (pip's default one, or the
+#                arguments below); wheels: only from the wheel folder WHEELS, no network at all
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST
+#                pip's own settings, for a mirror, a private index or a proxy (build stage only;
+#                they are recorded in the build's metadata: no passwords in them)
+#   WHEELS       wheel folder in the build context for PIP_SOURCE=wheels (default docker/wheels/train,
+#                several GB with torch's CUDA libraries), prepared with `pip download` on a connected host
 #   TORCH_PINS   the torch/torchvision releases (keep in step with TORCH_PINS in the Makefile)
 #   EXTRAS       the project's extras to install (default train; e.g. train,serve to also verify
 #                exports against onnxruntime)
+#
+# Build secret (optional): pip_ca, a CA bundle for pip, as in docker/service.Dockerfile:
+#   docker build --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# Needs BuildKit (RUN --mount: the secret, the wheel folder): Docker >= 23, docker compose v2;
+# Docker 20.10: DOCKER_BUILDKIT=1.
 
 ARG BASE_IMAGE=python:3.11-slim
-ARG PIP_SOURCE=wheels
+ARG PIP_SOURCE=index
 
 # ------------------------------------------------------------------------------------------------
-# the wheel folder, or none with PIP_SOURCE=index: a stage chosen by the argument (BuildKit skips the
-# other one; the classic builder builds both, so pyproject.toml is listed for the COPY to succeed
-# also when the folder is missing). The wheels never reach the final image.
+# the wheel folder (PIP_SOURCE=wheels), or none (index): a stage chosen by the argument, BuildKit skips
+# the other one. pyproject.toml is listed so that the COPY has a source when the folder holds no
+# wheel (the install step then says what to do); a folder that does not exist fails this COPY, which
+# names it (or, when the step is cached from an empty folder, the install step). The build stage mounts the stage (no copy, no layer): the wheels never reach an image.
 # ------------------------------------------------------------------------------------------------
 FROM scratch AS wheels-from-wheels
 ARG WHEELS=docker/wheels/train
@@ -34,13 +43,16 @@ COPY pyproject.toml /wheels/
 FROM wheels-from-${PIP_SOURCE} AS wheels
 
 # ------------------------------------------------------------------------------------------------
-# build: a virtual environment with torch and the training extra, from the wheel folder (or the index)
+# build: a virtual environment with torch and the training extra, from the index (or the wheel folder)
 # ------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG PIP_SOURCE
 ARG WHEELS=docker/wheels/train
 ARG TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 ARG EXTRAS=train
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_TRUSTED_HOST=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
@@ -48,28 +60,33 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-COPY --from=wheels /wheels/ /tmp/wheels/
 COPY pyproject.toml README* /app/
 COPY dino/ /app/dino/
 COPY service/ /app/service/
 COPY training/ /app/training/
 
-# editable: the package stays at /app (the working directory of the image, as in a checkout)
-RUN set -eu; \
+# editable: the package stays at /app (the working directory of the image, as in a checkout). Empty
+# PIP_* arguments are unset; the CA bundle of the secret pip_ca, when given, becomes PIP_CERT here.
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
+    --mount=type=secret,id=pip_ca \
+    set -eu; \
     case "$PIP_SOURCE" in \
       wheels) src="--no-index --find-links /tmp/wheels" ;; \
       index)  src="--find-links /tmp/wheels" ;; \
-      *) echo "PIP_SOURCE must be 'wheels' or 'index', not '$PIP_SOURCE'" >&2; exit 1 ;; \
+      *) echo "PIP_SOURCE must be 'index' or 'wheels', not '$PIP_SOURCE'" >&2; exit 1 ;; \
     esac; \
     if [ "$PIP_SOURCE" = wheels ] && ! ls /tmp/wheels/*.whl >/dev/null 2>&1; then \
-      echo "no wheels in $WHEELS: prepare the folder with 'pip download' (docker/README.md) or build with --build-arg PIP_SOURCE=index" >&2; \
+      echo "no wheels in $WHEELS: prepare the folder with 'pip download' (docker/README.md), or build from the index (PIP_SOURCE=index, the default)" >&2; \
       exit 1; \
     fi; \
+    [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
+    [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
+    [ -n "$PIP_TRUSTED_HOST" ] || unset PIP_TRUSTED_HOST; \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     pip install $src "setuptools>=68"; \
     pip install $src --no-build-isolation $TORCH_PINS --editable "/app[$EXTRAS]"; \
     pip check; \
-    python -m compileall -q /app/dino /app/service /app/training; \
-    rm -rf /tmp/wheels
+    python -m compileall -q /app/dino /app/service /app/training
 
 # ------------------------------------------------------------------------------------------------
 # the training image

@@ -605,7 +605,7 @@ def start_ray(options: RayOptions, progress: bool = True) -> None:
         import ray
         import ray.data
     except ImportError as exc:
-        raise EmbedError(f"--ray needs Ray Data ({exc.name} is missing): pip install '.[ray]'") from exc
+        raise EmbedError(f"--ray needs Ray Data ({exc.name} is missing): pip install '.[serve,ray]'") from exc
     # no usage statistics are sent, and none asked for on the terminal
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # errors only from Ray's core (its notices at startup are for Ray's operators, not for this job's user)

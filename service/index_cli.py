@@ -307,7 +307,7 @@ def _read_embeddings(path: Path) -> StoredEmbeddings:
     try:
         from service.batch_embedding import EmbedError, StoredEmbeddings
     except ImportError as exc:  # pyarrow is in the embed extra
-        raise GalleryError(f"reading Parquet needs pyarrow: pip install 'dino-platform[embed]' ({exc})") from exc
+        raise GalleryError(f"reading Parquet needs pyarrow: pip install 'dino-platform[serve,embed]' ({exc})") from exc
     if not path.is_dir():
         raise GalleryError(f"{path} is not a folder (--embeddings takes the output folder of dino embed)")
     try:

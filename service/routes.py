@@ -461,7 +461,8 @@ async def attention_video(
         if exc.name != "av":
             raise
         raise HTTPException(
-            status_code=501, detail="video support is not installed in this server: pip install 'dino-platform[video]'"
+            status_code=501,
+            detail="video support is not installed in this server: pip install 'dino-platform[serve,video]'",
         ) from exc
     settings, spec = state.settings, state.model.spec
     head_index = _parse_head(head, spec.num_heads)  # before the upload is read or a frame decoded

@@ -285,4 +285,4 @@ def test_route_without_pyav_is_a_501(client, clip, monkeypatch):
     monkeypatch.delitem(sys.modules, "service.video")
     monkeypatch.setitem(sys.modules, "av", None)  # "import av" fails as if PyAV were not installed
     answer = client.post("/attention/video", files=multipart(clip[1], field="video"))
-    assert answer.status_code == 501 and "pip install 'dino-platform[video]'" in answer.json()["detail"]
+    assert answer.status_code == 501 and "pip install 'dino-platform[serve,video]'" in answer.json()["detail"]
