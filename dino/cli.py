@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train",
     ),
     "knn": ("training.knn", "weighted k-NN evaluation of a checkpoint's teacher (DINO protocol)", "train"),
+    "linear": ("training.linear_probe", "linear probe on frozen features (the paper's linear evaluation)", "train"),
     "export": ("training.export_cli", "export a checkpoint's teacher backbone to an ONNX model folder", "train"),
     "import": ("training.import_weights", "convert official DINO / timm weights to an ONNX model folder", "train"),
     "serve": ("service.server", "serve a model folder over HTTP", "serve"),
