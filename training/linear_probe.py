@@ -1,6 +1,6 @@
 """Linear evaluation of DINO: a linear classifier trained on frozen features (Caron et al. 2021,
-Sec. 4.1 "Linear and k-NN classification on ImageNet", and Appendix, after Zhang et al. 2016 and the
-reference ``eval_linear.py`` of facebookresearch/dino).
+Sec. 4.1 "Linear and k-NN classification on ImageNet" and the evaluation details of its appendix;
+the reference implementation is ``eval_linear.py`` of facebookresearch/dino).
 
 The protocol
 ------------
@@ -49,6 +49,7 @@ as for ``dino knn``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
@@ -88,7 +90,9 @@ PAPER_FEATURES: dict[str, tuple[int, bool]] = {"vit_tiny": (4, False), "vit_smal
 #: what an ONNX model folder offers: the last block only, so the ViT-Base recipe (with the patch average)
 ONNX_FEATURES = (1, True)
 DEFAULT_EPOCHS = 100  # the paper's linear evaluation length
-DEFAULT_LR = 0.01  # per 256 images; chosen on imagenette (docs/evaluations_linear.md), the same for every row
+#: per 256 images: best or near-best on a held-out fifth of imagenette/train for every ViT readout measured
+#: (docs/evaluations_linear.md); raw pixels (12288-d) want far less, 1e-4
+DEFAULT_LR = 0.03
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_AUG_VIEWS = 2
 MOMENTUM = 0.9
@@ -276,9 +280,10 @@ def cached_features(
     num_workers: int,
     seed: int,
     desc: str,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Features [n, views, F] (float16), labels [n] and the number of unreadable files of a split,
-    computed once and kept in ``path``: read back when the cache's key is this one's."""
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Features [n, views, F] (float16), labels [n], the number of unreadable files of a split and
+    whether they came from the cache: computed once and kept in ``path``, read back when the cache's
+    key is this one's."""
     key_json = json.dumps({**key, "cache_version": CACHE_VERSION, "files": split.fingerprint}, sort_keys=True)
     if path.is_file():
         try:
@@ -289,6 +294,7 @@ def cached_features(
                         torch.from_numpy(cache["features"]),
                         torch.from_numpy(cache["labels"]),
                         int(cache["skipped"]),
+                        True,
                     )
             log.info("%s: cache %s was made for other inputs; recomputing", desc, path)
         except (OSError, ValueError, KeyError) as exc:
@@ -326,7 +332,7 @@ def cached_features(
         skipped=np.int64(skipped),
         key=np.array(key_json),
     )
-    return features, label_tensor, skipped
+    return features, label_tensor, skipped, False
 
 
 # ---------------------------------------------------------------- the probe
@@ -400,10 +406,8 @@ def train_probe(
 ) -> tuple[LinearClassifier, list[dict]]:
     """Train (or resume training) the linear classifier; returns it with its per-epoch history
     (mean training loss and validation top-1, for the curves: the score is the last epoch's)."""
-    train_x, train_y = train
-    val_x, val_y = val
     torch.manual_seed(seed)
-    model = LinearClassifier(train_x.shape[-1], num_classes)
+    model = LinearClassifier(train[0].shape[-1], num_classes)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr * batch_size / 256, momentum=MOMENTUM, weight_decay=weight_decay
     )  # the reference's linear scaling rule: --lr is per 256 images
@@ -425,6 +429,53 @@ def train_probe(
             log.info("resuming the probe from %s at epoch %d/%d", state_path, start_epoch, epochs)
         elif state is not None:
             log.info("probe state %s was made with other settings; starting afresh", state_path)
+    with single_thread():
+        _run_epochs(
+            model,
+            optimizer,
+            scheduler,
+            train,
+            val,
+            history,
+            state_path,
+            key_json,
+            start_epoch,
+            epochs,
+            batch_size,
+            seed,
+        )
+    return model, history
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the probe on one thread. Its matrices (a batch of 256 vectors times a few hundred classes'
+    weights) are too small to gain from more, and on a loaded machine the threads' hand-offs dominate:
+    10 epochs on imagenette's 9k cached vectors took 0.34 s on one thread and 47 s on two, on the
+    shared 2-core machine (docs/evaluations_linear.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_epochs(
+    model: LinearClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    history: list[dict],
+    state_path: Path,
+    key_json: str,
+    start_epoch: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> None:
+    (train_x, train_y), (val_x, val_y) = train, val
     bar = tqdm(range(start_epoch, epochs), desc="linear probe", initial=start_epoch, total=epochs, dynamic_ncols=True)
     for epoch in bar:
         # seeded by (seed, epoch), not carried over: a resumed run draws what an uninterrupted one would
@@ -445,7 +496,6 @@ def train_probe(
             "history": history,
         }
         save_checkpoint(state, state_path)
-    return model, history
 
 
 # ---------------------------------------------------------------- sources of features
@@ -637,7 +687,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vit_base and ONNX models)",
     )
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate per 256 images (cosine to 0)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULT_LR,
+        help="SGD learning rate per 256 images, cosine to 0 (default %(default)s; raw pixels want about 1e-4)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="probe batch size")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
@@ -697,7 +752,7 @@ def main(args: argparse.Namespace) -> int:
         source = resolve_source(args, device)
         output.parent.mkdir(parents=True, exist_ok=True)
         extract = {"batch_size": args.feature_batch_size, "num_workers": args.num_workers, "seed": args.seed}
-        val_x, val_y, val_skipped = cached_features(
+        val_x, val_y, val_skipped, val_cached = cached_features(
             output.with_suffix(".val.npz"),
             {**source.key, "split": "val", "views": "centre crop"},
             val_split,
@@ -713,7 +768,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             transform = eval_transform(source.image_size, source.resize_size, source.mean, source.std)
             views_key = "centre crop"
-        train_x, train_y, train_skipped = cached_features(
+        train_x, train_y, train_skipped, train_cached = cached_features(
             output.with_suffix(".train.npz"),
             {**source.key, "split": "train", "views": views_key},
             train_split,
@@ -771,6 +826,7 @@ def main(args: argparse.Namespace) -> int:
         "resize_size": source.resize_size,
         "skipped_train": train_skipped,
         "skipped_val": val_skipped,
+        "features_from_cache": {"train": train_cached, "val": val_cached},
         "feature_seconds": round(feature_seconds, 1),
         "probe_seconds": round(time.time() - probe_start, 1),
         "seconds": round(time.time() - start, 1),

@@ -115,6 +115,7 @@ def test_the_probe_learns_and_writes_its_result(straight_run):
     assert "last 4 blocks" in straight_run["features"]
     assert (straight_run["epochs"], straight_run["lr"], straight_run["aug_views"]) == (15, 0.05, 2)
     assert straight_run["skipped_train"] == straight_run["skipped_val"] == 0
+    assert straight_run["features_from_cache"] == {"train": False, "val": False}
     assert straight_run["seconds"] >= straight_run["probe_seconds"] >= 0
     assert [h["epoch"] for h in straight_run["history"]] == list(range(1, 16))
     out = straight_run["_output"]
@@ -145,7 +146,7 @@ def test_an_interrupted_run_resumes_from_its_cache_and_state(checkpoint, folders
     monkeypatch.setattr(linear_probe, "train_epoch", lambda *a, **k: counted.append(1) or real_epoch(*a, **k))
     assert run([*argv, *FAST]) == 0
     result = json.loads(out.read_text())
-    assert len(counted) == 9
+    assert len(counted) == 9 and result["features_from_cache"] == {"train": True, "val": True}
     assert result["history"] == straight_run["history"]  # the same draws as without the interruption
     assert result["top1"] == straight_run["top1"]
 
