@@ -358,13 +358,7 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[str, str], tmp_root:
     }
 
     # ---- raw onnxruntime, same settings as the server (the session stays loaded for the raw phases)
-    model = OnnxModel(
-        model_dir,
-        provider=settings.provider,
-        use_fp16=settings.use_fp16,
-        verify_sha256=False,
-        intra_op_threads=settings.intra_op_threads,
-    )
+    model = OnnxModel.from_settings(settings, model_dir, verify_sha256=False)
     pre = Preprocessor.for_model(model.spec, settings.max_image_pixels)
     t0 = time.perf_counter()
     tensors = [pre.prepare(data).tensor for _, data in photos]

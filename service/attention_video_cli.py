@@ -131,13 +131,7 @@ def make_clip(args: argparse.Namespace, progress: bool = True) -> str:
     spec = ModelSpec.from_json(model_dir / METADATA_FILE)
     head = parse_head(str(args.head), spec.num_heads)  # before the (slow) model load and decoding
     source = open_source(Path(args.input), args.fps, VideoLimits(max_frames=args.max_frames), settings)
-    model = OnnxModel(
-        model_dir,
-        provider=settings.provider,
-        use_fp16=settings.use_fp16,
-        verify_sha256=settings.verify_sha256,
-        intra_op_threads=settings.intra_op_threads,
-    )
+    model = OnnxModel.from_settings(settings, model_dir)
     preparer = FramePreparer(Preprocessor.for_model(spec, settings.max_image_pixels).transform, args.size)
     info = {
         "model": spec.name,

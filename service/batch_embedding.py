@@ -895,13 +895,7 @@ def run(args: argparse.Namespace) -> EmbedResult:
         raise EmbedError(f"invalid settings: {problems}") from exc
     try:
         # with Ray, the driver only checks the model (on the CPU: it may have no GPU); the actors run it
-        model = OnnxModel(
-            settings.resolved_model_dir(),
-            provider="cpu" if args.ray else settings.provider,
-            use_fp16=settings.use_fp16,
-            verify_sha256=settings.verify_sha256,
-            intra_op_threads=settings.intra_op_threads,
-        )
+        model = OnnxModel.from_settings(settings, provider="cpu" if args.ray else settings.provider)
     except (ModelNotFoundError, ModelLoadError) as exc:
         raise EmbedError(str(exc)) from exc
     entries = list_entries(images_dir)

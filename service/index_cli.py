@@ -334,13 +334,7 @@ def main(args: argparse.Namespace) -> int:
         settings = ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
         if settings.gallery == "milvus" and args.output:
             raise GalleryError("--output is the folder of a faiss gallery; a milvus gallery lives at --milvus-uri")
-        model = OnnxModel(
-            settings.resolved_model_dir(),
-            provider=settings.provider,
-            use_fp16=settings.use_fp16,
-            verify_sha256=settings.verify_sha256,
-            intra_op_threads=settings.intra_op_threads,
-        )
+        model = OnnxModel.from_settings(settings)
         result = build_index(
             model,
             settings,

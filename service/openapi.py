@@ -20,6 +20,7 @@ the path, where Starlette names only the first route's.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -94,12 +95,11 @@ def _error_response(status: int, schema: str = ERROR_SCHEMA) -> dict[str, Any]:
 
 def _set_image_bounds(operation: dict[str, Any], max_images: int, max_label_chars: int) -> None:
     body = operation.get("requestBody", {}).get("content", {})
-    single = operation["operationId"] in ("attention", "neighbors")
     for media in body.values():
         properties = media.get("schema", {}).get("properties", {})
         images = properties.get("images")
         if images is not None and images.get("type") == "array":
-            images.update(minItems=1, maxItems=1 if single else max_images)
+            images.setdefault("maxItems", max_images)  # single-image routes declare their own 1
         labels = properties.get("labels")
         if labels is None:
             continue
@@ -128,7 +128,10 @@ def _set_parameter_bounds(operation: dict[str, Any], settings: ServiceSettings, 
 
 def exact_openapi(app: FastAPI, settings: ServiceSettings, num_heads: int) -> dict[str, Any]:
     """The OpenAPI document of ``app`` as configured by ``settings``, for a model of ``num_heads`` heads."""
-    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    # a copy: FastAPI's document shares the routes' openapi_extra dicts, which other apps (other settings) reuse
+    document = copy.deepcopy(
+        get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    )
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for fastapi_only in ("HTTPValidationError", "ValidationError"):

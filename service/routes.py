@@ -80,8 +80,14 @@ EXAMPLE_IMAGE = (
 
 def _images_body(single: bool, gallery: bool = False) -> dict:
     """OpenAPI request body of the image routes (parsed by hand to accept multipart or JSON)."""
-    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    encoded = {"type": "array", "items": {"type": "string", "description": "base64 image (a data: URL is fine)"}}
+    # at most one image on a single-image route; service.openapi sets the others' bound from the settings
+    bounds = {"minItems": 1, "maxItems": 1} if single else {"minItems": 1}
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}, **bounds}
+    encoded = {
+        "type": "array",
+        "items": {"type": "string", "description": "base64 image (a data: URL is fine)"},
+        **bounds,
+    }
     multipart: dict[str, Any] = {"images": files}
     json_props: dict[str, Any] = {"images": encoded}
     if gallery:

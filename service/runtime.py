@@ -15,11 +15,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from dino.model_folder import FORMAT_VERSION, METADATA_FILE, OUTPUT_NAMES, sha256_file
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,19 @@ class OnnxModel:
             path,
             self.providers[0],
         )
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, model_dir: Path | None = None, **overrides: Any) -> OnnxModel:
+        """The model of ``model_dir`` (default: the settings' model folder) as ``dino serve`` loads it:
+        the settings' provider, fp16 choice, checksum check and threads; ``overrides`` replace any of those."""
+        options: dict[str, Any] = dict(
+            provider=settings.provider,
+            use_fp16=settings.use_fp16,
+            verify_sha256=settings.verify_sha256,
+            intra_op_threads=settings.intra_op_threads,
+        )
+        options.update(overrides)
+        return cls(model_dir or settings.resolved_model_dir(), **options)
 
     @property
     def name(self) -> str:

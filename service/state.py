@@ -201,14 +201,7 @@ class ServiceState:
 def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Path | None = None) -> ServiceState:
     """Load and warm up the model and open the gallery (blocking; run it in a thread)."""
     return_large_blocks_to_the_system()
-    model_dir = model_dir or settings.resolved_model_dir()
-    model = OnnxModel(
-        model_dir,
-        provider=settings.provider,
-        use_fp16=settings.use_fp16,
-        verify_sha256=settings.verify_sha256,
-        intra_op_threads=settings.intra_op_threads,
-    )
+    model = OnnxModel.from_settings(settings, model_dir)
     model.warm_up(settings.warmup_batches)
     gallery = open_gallery(settings, model)
     if settings.gallery == "faiss" and settings.index_dir is None:

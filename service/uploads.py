@@ -201,16 +201,20 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_upload(request: Request, *, max_images: int, field_names: tuple[str, ...] = (IMAGES_FIELD,)) -> Upload:
-    """Parse the images (and other fields) of a multipart or JSON request body."""
-    media_type = _media_type(request)
+def _check_uncompressed(request: Request) -> None:
+    """415 for a compressed body: it would have to be inflated past max_upload_bytes to be checked."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        # a compressed body would have to be inflated past max_upload_bytes to be checked: refuse it
         raise UploadError(
             f"unsupported Content-Encoding {encoding!r}: send the body uncompressed (images are compressed already)",
             status_code=415,
         )
+
+
+async def read_upload(request: Request, *, max_images: int, field_names: tuple[str, ...] = (IMAGES_FIELD,)) -> Upload:
+    """Parse the images (and other fields) of a multipart or JSON request body."""
+    _check_uncompressed(request)
+    media_type = _media_type(request)
     if request.headers.get("content-length") == "0":
         raise UploadError(
             f"empty request body: send the images as multipart/form-data files in the field '{field_names[0]}' "
@@ -314,6 +318,7 @@ async def read_openai_embedding_request(request: Request, *, max_images: int) ->
     """Parse ``POST /v1/embeddings``: JSON ``{"input": <image> | [<image>, ...], "model": ...,
     "encoding_format": "float" | "base64", "dimensions": ..., "user": ...}``, each image a
     ``data:image/...;base64,`` URL or plain base64."""
+    _check_uncompressed(request)
     media_type = _media_type(request)
     if media_type not in JSON_TYPES and not media_type.endswith("+json"):
         raise UploadError(
@@ -355,10 +360,8 @@ async def read_openai_embedding_request(request: Request, *, max_images: int) ->
 async def read_video_upload(request: Request, max_bytes: int) -> bytes:
     """The clip of ``POST /attention/video``: one file in the multipart field ``video``, at most
     ``max_bytes`` (the body limit of every route applies first, while the body streams in)."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UploadError(f"unsupported Content-Encoding {encoding!r}: send the body uncompressed", status_code=415)
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    _check_uncompressed(request)
+    media_type = _media_type(request)
     if media_type != MULTIPART:
         raise UploadError(
             f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with the clip in the "

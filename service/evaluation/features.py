@@ -196,13 +196,7 @@ def load_settings(model: str | None, provider: str | None, index_type: str | Non
 
 def load_model(settings: ServiceSettings) -> OnnxModel:
     """The model of ``--model`` (default: the shipped one), loaded as ``dino serve`` loads it."""
-    return OnnxModel(
-        settings.resolved_model_dir(),
-        provider=settings.provider,
-        use_fp16=settings.use_fp16,
-        verify_sha256=settings.verify_sha256,
-        intra_op_threads=settings.intra_op_threads,
-    )
+    return OnnxModel.from_settings(settings)
 
 
 def make_features(
