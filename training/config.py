@@ -61,7 +61,7 @@ class TrainConfig:
     center_momentum: float = 0.9  #: EMA momentum of the centre subtracted from the teacher's output
     # runtime
     device: str = "auto"  #: auto | cpu | cuda
-    precision: str = "auto"  #: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  #: auto (bf16 on CUDA and on CPUs with AVX512_BF16/AMX, else fp32) | fp32 | bf16
     compile: bool = False  #: torch.compile the student and teacher
     num_workers: int = 4  #: data-loading processes
     seed: int = 0  #: seed of initialisation, shuffling and augmentation

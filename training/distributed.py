@@ -26,6 +26,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512_BF16 or AMX tiles), so that bf16 autocast
+    is faster than float32 rather than emulated (on older CPUs oneDNN converts back and forth)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; fp32 and bf16 are kept."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
+
+
 def is_main_process() -> bool:
     """Rank 0 of ``torchrun`` (or a plain single process): the one that logs and writes files."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -33,7 +33,14 @@ from training.batchnorm import convert_to_all_reduce_batchnorm
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
 from training.data import DataError, UnlabelledImageFolder, collate_skip_none
-from training.distributed import DeviceError, init_distributed, is_main_process, resolve_device, shutdown_distributed
+from training.distributed import (
+    DeviceError,
+    init_distributed,
+    is_main_process,
+    resolve_device,
+    resolve_precision,
+    shutdown_distributed,
+)
 from training.gradients import cancel_last_layer_gradients, clip_gradients
 from training.head import DINOHead
 from training.knn import evaluate_knn
@@ -157,7 +164,7 @@ class Trainer:
         if cfg.batch_size % self.world_size:
             raise DataError(f"batch size {cfg.batch_size} is not divisible by the {self.world_size} processes")
         self.batch_per_rank = cfg.batch_size // self.world_size
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        precision = resolve_precision(cfg.precision, self.device)
         # bf16 has fp32's exponent range: no loss scaling (the reference's fp16 GradScaler) is needed
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
         self.precision = precision

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
+from training import distributed
 from training.config import TrainConfig, add_config_arguments, config_from_args
 
 
@@ -34,3 +36,18 @@ def test_help_shows_every_field_comment(capsys):
     text = " ".join(parser.format_help().split())  # argparse wraps lines
     assert "K, prototypes of the DINO head (default: 65536)" in text
     assert "area range of the local crops (default: (0.05, 0.4))" in text
+
+
+@pytest.mark.parametrize(
+    ("asked", "device", "native_bf16", "expected"),
+    [
+        ("auto", "cpu", True, "bf16"),
+        ("auto", "cpu", False, "fp32"),
+        ("auto", "cuda", False, "bf16"),
+        ("fp32", "cpu", True, "fp32"),
+        ("bf16", "cpu", False, "bf16"),
+    ],
+)
+def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, asked, device, native_bf16, expected):
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: native_bf16)
+    assert distributed.resolve_precision(asked, torch.device(device)) == expected
