@@ -60,5 +60,9 @@ class ModelMetadata(TypedDict):
     sha256: str
     fp16_file: NotRequired[str]
     fp16_sha256: NotRequired[str]
+    int8_file: NotRequired[str]
+    int8_sha256: NotRequired[str]
+    #: how the int8 file was made and its measured drop (``knn_drop_points``: k-NN top-1 lost, or None)
+    int8: NotRequired[dict[str, Any]]
     provenance: dict[str, Any]  #: source file, training config, epoch, k-NN result, versions
     export: dict[str, Any]  #: per file: export time, size, checker result, parity with PyTorch

@@ -563,9 +563,9 @@ def decode_batch(batch: pa.Table, *, images_dir: str, preprocessor: Preprocessor
 class OnnxEmbedder:
     """Ray actor (``map_batches`` with a class): one onnxruntime session, loaded once per actor."""
 
-    def __init__(self, model_dir: str, provider: str, use_fp16: bool, verify_sha256: bool, threads: int):
+    def __init__(self, model_dir: str, provider: str, precision: str, verify_sha256: bool, threads: int):
         self.model = OnnxModel(
-            model_dir, provider=provider, use_fp16=use_fp16, verify_sha256=verify_sha256, intra_op_threads=threads
+            model_dir, provider=provider, precision=precision, verify_sha256=verify_sha256, intra_op_threads=threads
         )
         self.side = self.model.spec.image_size
 
@@ -753,7 +753,7 @@ def embed_with_ray(
             fn_constructor_kwargs={
                 "model_dir": str(model.model_dir.resolve()),
                 "provider": settings.provider,
-                "use_fp16": settings.use_fp16,
+                "precision": model.precision,  # the file the driver resolved: every actor serves the same one
                 "verify_sha256": settings.verify_sha256,
                 "threads": threads,
             },

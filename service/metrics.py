@@ -58,7 +58,11 @@ class ServiceMetrics:
             "dino_gallery_available", "1 while the gallery can be used, 0 while its backend is unreachable", registry=r
         )
         self.model_info = Gauge(
-            "dino_model_info", "the served model (value 1)", ["name", "sha256", "provider"], registry=r
+            "dino_model_info",
+            "the served model (value 1): its name, identity (model.json's sha256), execution provider, "
+            "the file served and its precision",
+            ["name", "sha256", "provider", "file", "precision"],
+            registry=r,
         )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -178,6 +178,8 @@ async def readyz(request: Request) -> dict:
         "status": "ready" if health.available else "degraded",
         "model": state.model.name,
         "provider": state.model.provider,
+        "model_file": state.model.file,
+        "precision": state.model.precision,
         "gallery": {"backend": state.gallery.backend, "available": health.available, "detail": health.detail},
         "missing": [] if health.available else [health.detail],
     }
@@ -499,7 +501,7 @@ async def attention_video(
         try:
             while True:
                 async with state.decode_slots:
-                    chunk = await state.run_blocking(clip.next_chunk, settings.max_batch_size)
+                    chunk = await state.run_blocking(clip.next_chunk, state.batcher.max_batch_size)
                 if not chunk:
                     break
                 results = await state.infer([frame.prepared for frame in chunk], ["attention"])

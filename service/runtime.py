@@ -3,6 +3,11 @@
 The execution provider is chosen once at load: CUDA when asked for or, in ``auto`` mode, when a
 usable NVIDIA GPU is present; the CPU otherwise. onnxruntime silently falls back to the CPU when the
 CUDA libraries are missing, so the *active* providers are read back from the session and logged.
+
+The precision picks the file of the folder (:func:`choose_file`): ``model.onnx`` (fp32),
+``model_fp16.onnx`` (fp16, for CUDA) or ``model_int8.onnx`` (int8, for the CPU). ``auto`` serves fp16
+on CUDA when the folder has it, int8 on the CPU when the folder has it *and* its k-NN drop measured
+at export is at most :data:`AUTO_INT8_MAX_DROP` points, and fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 #: model.json format versions this service understands
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
+PRECISIONS = ("auto", "fp32", "int8", "fp16")
+#: k-NN top-1 points the int8 file may lose (as measured by ``dino export --int8``) for ``auto`` to serve it
+AUTO_INT8_MAX_DROP = 0.5
 
 
 class ModelLoadError(Exception):
@@ -56,6 +64,9 @@ class ModelSpec:
     sha256: str
     fp16_file: str | None
     fp16_sha256: str | None
+    int8_file: str | None
+    int8_sha256: str | None
+    int8_knn_drop: float | None  #: k-NN top-1 points lost by the int8 file, as measured at export
     raw: dict
 
     @property
@@ -100,6 +111,9 @@ class ModelSpec:
                 sha256=str(raw["sha256"]).lower(),
                 fp16_file=raw.get("fp16_file"),
                 fp16_sha256=(str(raw["fp16_sha256"]).lower() if raw.get("fp16_sha256") else None),
+                int8_file=raw.get("int8_file"),
+                int8_sha256=(str(raw["int8_sha256"]).lower() if raw.get("int8_sha256") else None),
+                int8_knn_drop=_int8_drop(raw.get("int8")),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -110,11 +124,71 @@ class ModelSpec:
             raise ModelLoadError(
                 f"{path}: image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}"
             )
-        for filename in (spec.file, spec.fp16_file):
+        for filename in (spec.file, spec.fp16_file, spec.int8_file):
             # the file names come from a JSON file that may have been edited: keep them inside the folder
             if filename is not None and (Path(filename).name != filename or filename in (".", "..")):
                 raise ModelLoadError(f"{path}: model file name {filename!r} must be a plain file name")
         return spec
+
+
+def _int8_drop(record: Any) -> float | None:
+    """The measured k-NN drop of model.json's ``int8`` record (None when not measured or unreadable)."""
+    if not isinstance(record, dict):
+        return None
+    drop = record.get("knn_drop_points")
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or drop != drop:  # NaN
+        return None
+    return float(drop)
+
+
+def choose_file(spec: ModelSpec, model_dir: Path, precision: str, providers: list[str]) -> tuple[str, str, str]:
+    """(file, its expected sha256, precision) of the folder to serve for ``precision`` on ``providers``.
+
+    An explicit precision whose file the folder lacks is an error; ``auto`` falls back to fp32.
+    """
+    cuda = CUDA_PROVIDER in providers
+
+    def present(name: str | None) -> bool:
+        return name is not None and (model_dir / name).is_file()
+
+    if precision == "fp16":
+        if not present(spec.fp16_file):
+            raise ModelLoadError(f"precision fp16 asked for, but {model_dir} has no fp16 file (dino export --fp16)")
+        if not cuda:
+            raise ModelLoadError("precision fp16 needs the CUDA provider: onnxruntime's CPU kernels are float32/int8")
+        return str(spec.fp16_file), str(spec.fp16_sha256 or ""), "fp16"
+    if precision == "int8":
+        if not present(spec.int8_file):
+            raise ModelLoadError(f"precision int8 asked for, but {model_dir} has no int8 file (dino export --int8)")
+        return str(spec.int8_file), str(spec.int8_sha256 or ""), "int8"
+    if precision == "auto":
+        if cuda and present(spec.fp16_file):
+            return str(spec.fp16_file), str(spec.fp16_sha256 or ""), "fp16"
+        drop = spec.int8_knn_drop
+        if not cuda and present(spec.int8_file) and drop is not None and drop <= AUTO_INT8_MAX_DROP:
+            return str(spec.int8_file), str(spec.int8_sha256 or ""), "int8"
+    return spec.file, spec.sha256, "fp32"
+
+
+#: the dynamic batcher's cap by provider when DINO_MAX_BATCH_SIZE is not set: on the CPU, larger
+#: batches than this ran no faster or slower (benchmarks/precision.py); a GPU keeps gaining up to 32+
+DEFAULT_BATCH_CAP = {CPU_PROVIDER: 8, CUDA_PROVIDER: 32}
+
+
+def default_batch_cap(provider: str) -> int:
+    """The batch cap for the active execution provider."""
+    return DEFAULT_BATCH_CAP.get(provider, DEFAULT_BATCH_CAP[CPU_PROVIDER])
+
+
+def check_model_file(settings: ServiceSettings) -> str:
+    """The file ``dino serve`` will load for these settings, checked before any worker starts, so that a
+    precision the folder cannot serve is one clear line rather than a failure in every worker."""
+    model_dir = settings.resolved_model_dir()
+    spec = ModelSpec.from_json(model_dir / METADATA_FILE)
+    file, _, _ = choose_file(spec, model_dir, settings.precision, choose_providers(settings.provider))
+    if not (model_dir / file).is_file():
+        raise ModelLoadError(f"{model_dir / file}: model file missing")
+    return file
 
 
 def nvidia_gpu_present() -> bool:
@@ -156,7 +230,7 @@ class OnnxModel:
         model_dir: str | os.PathLike,
         *,
         provider: str = "auto",
-        use_fp16: bool = True,
+        precision: str = "auto",
         verify_sha256: bool = True,
         intra_op_threads: int = 0,
     ):
@@ -169,11 +243,9 @@ class OnnxModel:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
 
-        file: str = self.spec.file
-        expected_sha: str | None = self.spec.sha256
-        fp16_file = self.spec.fp16_file
-        if use_fp16 and CUDA_PROVIDER in providers and fp16_file and (self.model_dir / fp16_file).is_file():
-            file, expected_sha = fp16_file, self.spec.fp16_sha256
+        if precision not in PRECISIONS:
+            raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        file, expected_sha, self.precision = choose_file(self.spec, self.model_dir, precision, providers)
         path = self.model_dir / file
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file missing")
@@ -209,12 +281,13 @@ class OnnxModel:
         if missing:
             raise ModelLoadError(f"{path}: outputs {missing} missing (found {list(self.output_names)})")
         log.info(
-            "model %s (%s/%d, %d px, dim %d) loaded from %s; active execution provider: %s",
+            "model %s (%s/%d, %d px, dim %d, %s) loaded from %s; active execution provider: %s",
             self.spec.name,
             self.spec.arch,
             self.spec.patch_size,
             self.spec.image_size,
             self.spec.embed_dim,
+            self.precision,
             path,
             self.providers[0],
         )
@@ -222,10 +295,10 @@ class OnnxModel:
     @classmethod
     def from_settings(cls, settings: ServiceSettings, model_dir: Path | None = None, **overrides: Any) -> OnnxModel:
         """The model of ``model_dir`` (default: the settings' model folder) as ``dino serve`` loads it:
-        the settings' provider, fp16 choice, checksum check and threads; ``overrides`` replace any of those."""
+        the settings' provider, precision, checksum check and threads; ``overrides`` replace any of those."""
         options: dict[str, Any] = dict(
             provider=settings.provider,
-            use_fp16=settings.use_fp16,
+            precision=settings.precision,
             verify_sha256=settings.verify_sha256,
             intra_op_threads=settings.intra_op_threads,
         )

@@ -121,6 +121,8 @@ class ReadyResponse(BaseModel):
     status: str = Field(description="ready, or degraded: the model serves but the gallery is unavailable")
     model: str
     provider: str = Field(description="the active onnxruntime execution provider")
+    model_file: str = Field(description="the file of the model folder being served, e.g. model_int8.onnx")
+    precision: Literal["fp32", "int8", "fp16"] = Field(description="the precision of that file (DINO_PRECISION)")
     gallery: GalleryStatus
     missing: list[str] = Field(default_factory=list, description="what does not work now, and why")
 

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from service.gallery import GalleryError
 from service.gallery.factory import check_multi_process
+from service.runtime import ModelLoadError, check_model_file
 from service.settings import ModelNotFoundError, ServiceSettings
 
 ENV_PREFIX = "DINO_"
@@ -89,14 +90,14 @@ def main(args: argparse.Namespace) -> int:
     }
     try:
         settings = ServiceSettings(**overrides)
-        settings.resolved_model_dir()  # fail now, clearly, rather than in every worker
+        check_model_file(settings)  # fail now, clearly, rather than in every worker
         if check_multi_process(settings) and not settings.index_read_only:
             print(f"dino serve: {settings.workers} workers: the gallery is served read-only", file=sys.stderr)
             overrides["index_read_only"] = True
     except ValidationError as exc:
         print(f"dino serve: invalid setting: {exc}", file=sys.stderr)
         return 2
-    except (ModelNotFoundError, GalleryError) as exc:
+    except (ModelNotFoundError, ModelLoadError, GalleryError) as exc:
         print(f"dino serve: {exc}", file=sys.stderr)
         return 2
     # the workers are separate processes: hand them the flags through their environment

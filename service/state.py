@@ -29,7 +29,7 @@ from service.gallery.factory import open_gallery
 from service.memory import return_large_blocks_to_the_system
 from service.metrics import ServiceMetrics
 from service.preprocess import PreparedImage, Preprocessor, make_thumbnail
-from service.runtime import OnnxModel
+from service.runtime import OnnxModel, default_batch_cap
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,10 @@ def load_state(settings: ServiceSettings, metrics: ServiceMetrics, model_dir: Pa
         log.warning("no index folder given (--index / DINO_INDEX_DIR): the gallery is kept in memory and lost at exit")
     if settings.gallery == "milvus" and settings.index_dir is not None:
         log.warning("DINO_INDEX_DIR is not used: the gallery is in Milvus (DINO_GALLERY=milvus)")
-    metrics.model_info.labels(model.name, model.sha256, model.provider).set(1)
+    metrics.model_info.labels(model.name, model.sha256, model.provider, model.file, model.precision).set(1)
     batcher = DynamicBatcher(
         model,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size or default_batch_cap(model.provider),
         max_wait_ms=settings.max_batch_wait_ms,
         max_queue_size=settings.max_queue_size,
         metrics=metrics,

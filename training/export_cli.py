@@ -16,6 +16,7 @@ import torch.nn as nn
 from dino.model_folder import ModelMetadata
 from training.export import DEFAULT_OPSET, FP16_FILE, MIN_OPSET, MODEL_FILE, export_backbone
 from training.export_graph import ExportError
+from training.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_METHOD, INT8_FILE, METHODS, Int8Options
 from training.weights import WeightsError, load_checkpoint_teacher
 
 
@@ -36,6 +37,53 @@ def add_export_options(parser: argparse.ArgumentParser, model_name_flag: str = "
     parser.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}, minimum {MIN_OPSET})"
     )
+    int8 = parser.add_argument_group("int8 (CPU serving)")
+    int8.add_argument("--int8", action="store_true", help=f"also write {INT8_FILE} and measure its drop")
+    int8.add_argument(
+        "--calibration",
+        default=None,
+        help="image folder for --int8: static ranges and the float32/int8 agreement are measured on it",
+    )
+    int8.add_argument(
+        "--int8-method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help=f"dynamic (per-batch activation ranges, the faster here) or static (calibrated); default {DEFAULT_METHOD}",
+    )
+    int8.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help=f"images of --calibration to use, evenly spread (default {DEFAULT_CALIBRATION_IMAGES})",
+    )
+    int8.add_argument(
+        "--int8-knn-train",
+        default=None,
+        help="labelled gallery (root/<class>/<image>): measure the k-NN top-1 drop; 'DINO_PRECISION=auto' "
+        "serves int8 only when a drop of at most 0.5 points was measured",
+    )
+    int8.add_argument("--int8-knn-val", default=None, help="labelled queries for the k-NN drop")
+    int8.add_argument(
+        "--int8-knn-max-images", type=int, default=0, help="cap of each k-NN folder, evenly across classes (0: all)"
+    )
+
+
+def int8_options(args: argparse.Namespace) -> Int8Options | None:
+    """The :class:`Int8Options` of the command line (None without ``--int8``)."""
+    if not args.int8:
+        if args.calibration or args.int8_knn_train or args.int8_knn_val:
+            raise ExportError("--calibration and --int8-knn-* only apply with --int8")
+        return None
+    if not args.calibration:
+        raise ExportError("--int8 needs --calibration DIR (a folder of images like the ones to be served)")
+    return Int8Options(
+        calibration=Path(args.calibration),
+        method=args.int8_method,
+        max_images=args.calibration_images,
+        knn_train=Path(args.int8_knn_train) if args.int8_knn_train else None,
+        knn_val=Path(args.int8_knn_val) if args.int8_knn_val else None,
+        knn_max_images=args.int8_knn_max_images,
+    )
 
 
 def export_with_options(
@@ -53,6 +101,7 @@ def export_with_options(
         resize_size=args.resize_size,
         provenance=provenance,
         fp16=args.fp16,
+        int8=int8_options(args),
         opset=args.opset,
     )
 
@@ -85,6 +134,22 @@ def print_summary(metadata: ModelMetadata, output_dir: Path) -> None:
         print(
             f"  {filename}: {info['file_bytes'] / 1e6:.1f} MB, onnx.checker {info['onnx_checker']}, "
             f"exported in {info['export_seconds']:.1f} s, ORT CPU vs PyTorch max abs diff: {parity}"
+        )
+    int8 = metadata.get("int8")
+    if int8 is not None:
+        agreement = int8["measured"]["agreement"]
+        knn = int8["measured"].get("knn")
+        drop = (
+            "k-NN drop not measured (give --int8-knn-train/--int8-knn-val)"
+            if knn is None
+            else f"k-NN top-1 {knn['fp32_top1']:.2f}% -> {knn['int8_top1']:.2f}% (drop {knn['drop_points']:.2f} points)"
+        )
+        print(
+            f"  {INT8_FILE}: {int8['bytes'] / 1e6:.1f} MB, {int8['method']} int8 in {int8['quantize_seconds']:.1f} s; "
+            f"on {agreement['images']} calibration images: embedding cosine mean "
+            f"{agreement['embedding_cosine_mean']:.4f} "
+            f"(min {agreement['embedding_cosine_min']:.4f}), attention correlation "
+            f"{agreement['attention_correlation_mean']:.4f}; {drop}"
         )
     print(f"  sha256 {metadata['sha256']}")
 

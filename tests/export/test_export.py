@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +393,103 @@ def test_attention_boxes_cli_refuses_bad_input(model_dir, data_dir, tmp_path, ca
     args = ["--model", str(model_dir), "--boxes", str(boxes), "--images-dir", str(data_dir / "imagenet-sample")]
     assert boxes_main(args) == 1
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 (dino export --int8)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_run(checkpoint, data_dir, tmp_path_factory) -> tuple[Path, str]:
+    """``dino export --int8`` with real calibration photos and a small labelled k-NN: (folder, printed)."""
+    out = tmp_path_factory.mktemp("models") / "tiny-int8"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(out),
+                "--int8",
+                "--calibration",
+                str(data_dir / "imagenet-sample"),
+                "--calibration-images",
+                "40",
+                "--int8-knn-train",
+                str(data_dir / "imagenette" / "train"),
+                "--int8-knn-val",
+                str(data_dir / "imagenette" / "val"),
+                "--int8-knn-max-images",
+                "50",
+            ]
+        )
+    assert code == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_int8_export_records_method_calibration_and_measured_drop(int8_run):
+    folder, printed = int8_run
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    assert meta["int8_file"] == "model_int8.onnx"
+    assert meta["int8_sha256"] == sha256_file(folder / "model_int8.onnx")
+    record = meta["int8"]
+    assert record["method"] == "dynamic" and record["calibration"]["images"] == 40
+    assert record["node_counts"]["DynamicQuantizeLinear"] > 0 and record["node_counts"]["MatMulInteger"] > 0
+    agreement = record["measured"]["agreement"]
+    assert agreement["images"] == 40 and agreement["embedding_cosine_min"] > 0.98
+    knn = record["measured"]["knn"]
+    assert knn["n_train"] == knn["n_val"] == 50
+    assert record["knn_drop_points"] == pytest.approx(knn["fp32_top1"] - knn["int8_top1"], abs=0.01)
+    assert (folder / "model_int8.onnx").stat().st_size < (folder / "model.onnx").stat().st_size / 2.5
+    assert "model_int8.onnx" in printed and "k-NN top-1" in printed
+
+
+@pytest.mark.slow
+def test_int8_model_gives_the_three_outputs_of_the_fp32_model(int8_run, data_dir):
+    folder, _ = int8_run
+    images = load_photos(data_dir, SIZE)
+    fp32, int8 = run_onnx(folder / MODEL_FILE, images), run_onnx(folder / "model_int8.onnx", images)
+    for name in OUTPUT_NAMES:
+        assert fp32[name].shape == int8[name].shape
+    cosine = np.sum(fp32["embedding"] * int8["embedding"], 1) / (
+        np.linalg.norm(fp32["embedding"], axis=1) * np.linalg.norm(int8["embedding"], axis=1)
+    )
+    assert cosine.min() > 0.98
+    assert np.abs(fp32["attention"] - int8["attention"]).max() < 0.05
+
+
+@pytest.mark.slow
+def test_reexport_without_int8_removes_the_stale_file(int8_run, checkpoint, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(int8_run[0], folder)
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(folder)]) == 0
+    assert not (folder / "model_int8.onnx").exists()
+    assert "int8_file" not in json.loads((folder / METADATA_FILE).read_text())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--int8"], "--int8 needs --calibration"),
+        (["--calibration", "PHOTOS"], "only apply with --int8"),
+        (["--int8", "--calibration", "/nonexistent-folder"], "not a folder of images"),
+        (["--int8", "--calibration", "PHOTOS", "--int8-knn-train", "PHOTOS"], "go together"),
+        (["--int8", "--calibration", "PHOTOS", "--int8-method", "fp4"], None),  # argparse: exit 2
+    ],
+)
+def test_int8_option_errors_are_one_line(checkpoint, data_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "m"
+    extra = [str(data_dir / "imagenet-sample") if arg == "PHOTOS" else arg for arg in extra]
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), *extra])
+        assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        return
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--output", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / METADATA_FILE).exists()

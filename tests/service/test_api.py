@@ -95,6 +95,8 @@ def test_health_readiness_docs_and_page(client):
         "status": "ready",
         "model": "test-vit-tiny8",
         "provider": "CPUExecutionProvider",
+        "model_file": "model.onnx",
+        "precision": "fp32",  # auto: the test model has no int8 file
         "gallery": {"backend": "faiss", "available": True, "detail": None},
         "missing": [],
     }
