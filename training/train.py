@@ -225,7 +225,9 @@ class Trainer:
         else:
             self.teacher_forward = self.teacher
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.ncrops, cfg.student_temp, cfg.center_momentum).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student_module))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student_module), fused=True if self.device.type == "cuda" else None
+        )
 
         n = self.steps_per_epoch
         lr_peak = cfg.lr * cfg.batch_size / 256  # linear scaling rule
