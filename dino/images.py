@@ -18,6 +18,12 @@ Decoding is defensive, because the bytes come from anyone:
 The errors carry a message and no transport status: the service maps them to HTTP answers in its
 exception handlers (``service.app``), training skips the file and counts it.
 
+A caller that only needs a downscaled image (the service's evaluation transform, whose shorter side
+is 73 or 256 pixels) may let a JPEG be decoded at a reduced scale (:func:`decode_image_reduced`):
+libjpeg's DCT scaling decodes 1/2, 1/4 or 1/8 of the size, skipping most of the inverse DCT, the
+chroma upsampling and the colour conversion, and leaving 4 to 64 times fewer pixels to the resize
+that follows. The checks above still apply to the size in the header.
+
 Then the EXIF orientation is applied, the first frame of an animated image is used, and every
 Pillow mode is converted to 8-bit RGB as follows (:func:`to_rgb`):
 
@@ -40,10 +46,11 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,22 @@ TILE_PIXELS_ALLOWANCE = 1 << 20
 GREY_BAND_PIXELS = 1 << 20
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 UINT16_MAX = 65535.0
+#: formats decoded by libjpeg, which can decode at 1/2, 1/4 or 1/8 of the size (``Image.draft``)
+REDUCIBLE_FORMATS = frozenset({"JPEG", "MPO"})
+#: EXIF orientation -> the transposition that shows the image upright (``ImageOps.exif_transpose``'s table)
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: transpositions that swap width and height
+SWAPPING_TRANSPOSES = frozenset(
+    {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
+)
 
 
 class ImageInputError(Exception):
@@ -107,6 +130,24 @@ class InvalidImage(ImageInputError):
     """An image format we know, but the data is empty, truncated or corrupt."""
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image from :func:`decode_image_reduced`, and where the full-size image lies in it."""
+
+    #: 8-bit RGB, EXIF orientation applied; smaller than ``full_size`` after a reduced decode
+    image: Image.Image
+    #: (width, height) of the image at full scale, oriented as ``image``
+    full_size: tuple[int, int]
+    #: the region of ``image`` that shows the full-size image (left, upper, right, lower), in
+    #: ``image``'s pixels: ``(0, 0, width, height)``, except after a 1/s reduction of a side that is not
+    #: a multiple of s, whose last row or column stands for fewer than s pixels (fractional bounds)
+    box: tuple[float, float, float, float]
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != self.full_size
+
+
 def decode_image(data: bytes, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     """Decode untrusted bytes into an 8-bit RGB image (EXIF orientation applied, first frame).
 
@@ -115,6 +156,21 @@ def decode_image(data: bytes, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX
     is bounded by ``max_pixels`` whatever a small file claims.
 
     Raises :class:`ImageInputError` subclasses with a message fit for the client.
+    """
+    return decode_image_reduced(data, max_pixels, 0, max_jpeg_scans).image
+
+
+def decode_image_reduced(
+    data: bytes, max_pixels: int, min_side: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+) -> DecodedImage:
+    """:func:`decode_image`, but a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT
+    scaling) as long as its shorter side stays at least ``min_side`` pixels (0: always full size).
+
+    For callers that downscale the image anyway: the reduced decode is a good low-pass (each output
+    pixel comes from the low frequencies of its s x s block), and :attr:`DecodedImage.box` says where
+    the full-size image lies in the result, so that a resize (``Image.resize(..., box=...)``) samples
+    the same points as from the full decode. The header checks apply to the full size; other formats
+    are decoded at full size.
     """
     if not data:
         raise InvalidImage("empty file: no image data")
@@ -135,10 +191,13 @@ def decode_image(data: bytes, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX
             f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_pixels} pixels"
         )
     check_decode_cost(img, data, max_jpeg_scans)
+    box: tuple[float, float, float, float] = (0.0, 0.0, float(width), float(height))
     # Animated GIF/WebP/APNG and multi-page TIFF: Image.open is positioned on the first frame already;
     # seek(0) makes that explicit (and is a no-op for single-frame images).
     try:
         img.seek(0)
+        if min_side > 0 and img.format in REDUCIBLE_FORMATS:
+            box = _reduce_on_load(img, min_side) or box
         img.load()
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from exc
@@ -147,13 +206,57 @@ def decode_image(data: bytes, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX
     except Exception as exc:  # OSError "image file is truncated", ValueError for oversized chunks, ...
         raise InvalidImage(f"corrupt or truncated {img.format} image: {exc}") from exc
     try:
-        return to_rgb(apply_exif_orientation(img))
+        method = orientation_transpose(img)
+        oriented = apply_exif_orientation(img)
+        full_size = (width, height)
+        if oriented is not img and method is not None:  # rotated or flipped: so are the full size and the box
+            box = transpose_box(box, img.size, method)
+            if method in SWAPPING_TRANSPOSES:
+                full_size = (height, width)
+        return DecodedImage(to_rgb(oriented), full_size, box)
     except ImageInputError:
         raise
     except MemoryError as exc:
         raise ImageTooLarge("image too large to convert") from exc
     except Exception as exc:  # a decoded image Pillow cannot convert (exotic mode/palette)
         raise InvalidImage(f"cannot convert the {img.mode} image to RGB: {exc}") from exc
+
+
+def _reduce_on_load(img: Image.Image, min_side: int) -> tuple[float, float, float, float] | None:
+    """Ask libjpeg (before ``load``) for the largest reduction 1/s, s in 2, 4, 8, that keeps the shorter
+    side at least ``min_side``; the box of the full image in the reduced one, or None when it stays full size.
+
+    ``Image.draft`` picks s <= min(width // w, height // h) for a requested (w, h): asking for
+    (min_side, min_side) gives s <= shorter // min_side, so the reduced shorter side, ceil(shorter / s),
+    is at least min_side. The mode is kept (the conversion to RGB is :func:`to_rgb`'s).
+    """
+    if min(img.size) // min_side < 2:
+        return None
+    drafted = img.draft(img.mode, (min_side, min_side))
+    if drafted is None:  # not a single-tile JPEG, or drafted already: decoded at full size
+        return None
+    _, box = drafted
+    return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+
+
+def transpose_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], method: Image.Transpose
+) -> tuple[float, float, float, float]:
+    """Where a region (left, upper, right, lower) of an image of ``size`` lands once the image is
+    transposed by ``method`` (``Image.transpose``: ROTATE_90 is counter-clockwise)."""
+    left, top, right, bottom = box
+    w, h = size
+    T = Image.Transpose
+    mapping = {
+        T.FLIP_LEFT_RIGHT: (w - right, top, w - left, bottom),
+        T.FLIP_TOP_BOTTOM: (left, h - bottom, right, h - top),
+        T.ROTATE_180: (w - right, h - bottom, w - left, h - top),
+        T.TRANSPOSE: (top, left, bottom, right),  # (x, y) -> (y, x)
+        T.ROTATE_90: (top, w - right, bottom, w - left),  # (x, y) -> (y, w - x)
+        T.ROTATE_270: (h - bottom, left, h - top, right),  # (x, y) -> (h - y, x)
+        T.TRANSVERSE: (h - bottom, w - right, h - top, w - left),  # (x, y) -> (h - y, w - x)
+    }
+    return mapping.get(method, box)
 
 
 def check_decode_cost(img: Image.Image, data: bytes, max_jpeg_scans: int) -> None:
@@ -184,11 +287,25 @@ def check_decode_cost(img: Image.Image, data: bytes, max_jpeg_scans: int) -> Non
                 )
 
 
+def orientation_transpose(img: Image.Image) -> Image.Transpose | None:
+    """The transposition that the EXIF (or XMP) Orientation tag asks for; None when upright, absent,
+    unknown or when the EXIF block cannot be read."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # malformed EXIF: Pillow raises various errors while parsing it
+        log.debug("ignoring malformed EXIF data: %s", exc)
+        return None
+    return ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+
+
 def apply_exif_orientation(img: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF Orientation tag says (a photo taken in portrait is stored sideways).
 
-    A malformed EXIF block is ignored (the pixels are still valid) rather than refused.
+    An upright image is returned as it is (no copy). A malformed EXIF block is ignored (the pixels
+    are still valid) rather than refused.
     """
+    if orientation_transpose(img) is None:
+        return img
     try:
         transposed = ImageOps.exif_transpose(img)
     except Exception as exc:  # malformed EXIF: Pillow raises various errors while parsing it

@@ -12,21 +12,33 @@ so the pixels agree to within a few grey levels (see the service's preprocessing
 measured difference on real photos). For extreme aspect ratios only the crop window is resampled
 (Pillow's ``box`` argument, same filter and scale), so that a 4000x4 strip never becomes a 73000x73
 (or 256000x256) intermediate image.
+
+A JPEG much larger than the resize is decoded at a reduced scale (:func:`dino.images.decode_image_reduced`,
+libjpeg's DCT scaling by 1/2, 1/4 or 1/8) whose shorter side stays at least
+:data:`REDUCED_DECODE_MARGIN` times ``resize_size``: the antialiased bicubic resize still does most of
+the downscaling, from the true geometry of the full-size image (the resize follows the full size and
+samples the reduced image through its box), so the crop stays within a few grey levels of the full
+decode and the embeddings at a cosine above 0.9999 to the full decode's (``benchmarks/draft_decode.py``
+measures both, and the k-NN, on real photos), for a fraction of the decode and resize time.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from dino.images import DEFAULT_MAX_JPEG_SCANS, decode_image, to_rgb
+from dino.images import DEFAULT_MAX_JPEG_SCANS, decode_image_reduced, to_rgb
 
 #: resized images up to this many crops in area are resized whole (exactly torchvision's computation);
 #: larger ones (extreme aspect ratios, e.g. 4000x4 -> 73000x73) only have their crop window resampled
 FULL_RESIZE_MAX_AREA = 16
+#: a JPEG is decoded at a reduced scale only while its shorter side stays at least this many times the
+#: resize (``resize_size``): the reduction then leaves at least a 2x antialiased downscale to the resize
+REDUCED_DECODE_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,25 +62,38 @@ class EvalTransform:
         new_short, new_long = self.resize_size, int(self.resize_size * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
-    def crop(self, img: Image.Image) -> Image.Image:
-        """Resize + centre crop of an RGB image: the ``image_size`` square the model sees (uint8 RGB)."""
-        width, height = img.size
+    def crop(
+        self,
+        img: Image.Image,
+        full_size: tuple[int, int] | None = None,
+        box: tuple[float, float, float, float] | None = None,
+    ) -> Image.Image:
+        """Resize + centre crop of an RGB image: the ``image_size`` square the model sees (uint8 RGB).
+
+        ``full_size`` and ``box`` describe a reduced decode (:class:`dino.images.DecodedImage`): the
+        sizes follow the full-size image, and the resize samples ``img`` through ``box`` (where the
+        full image lies in it), so that the crop shows what the full decode's crop shows.
+        """
+        width, height = full_size or img.size
         new_w, new_h = self.resized_size(width, height)
         side = self.image_size
         # Per axis: the window of the resized image that lands in the crop, and where it lands
         x0, x1, paste_x = _crop_window(new_w, side)
         y0, y1, paste_y = _crop_window(new_h, side)
-        if (new_w, new_h) == (width, height):
+        reduced = (width, height) != img.size
+        if (new_w, new_h) == (width, height) and not reduced:
             window = img.crop((x0, y0, x1, y1))  # torchvision skips the resize when the size is unchanged
         elif new_w * new_h <= FULL_RESIZE_MAX_AREA * side * side:
             # the usual case: resize the whole image, then crop, exactly as torchvision does
-            window = img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((x0, y0, x1, y1))
+            window = img.resize((new_w, new_h), Image.Resampling.BICUBIC, box=box if reduced else None)
+            window = window.crop((x0, y0, x1, y1))
         else:
             # extreme aspect ratio: resample only the crop window (same filter and scale; the float
             # arithmetic of the window offset may move a few pixels by one grey level)
-            scale_x, scale_y = width / new_w, height / new_h
-            box = (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
-            window = img.resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC, box=box)
+            left, top, right, bottom = box if reduced and box else (0.0, 0.0, float(img.size[0]), float(img.size[1]))
+            scale_x, scale_y = (right - left) / new_w, (bottom - top) / new_h
+            window_box = (left + x0 * scale_x, top + y0 * scale_y, left + x1 * scale_x, top + y1 * scale_y)
+            window = img.resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC, box=window_box)
         if window.size == (side, side):
             return window
         canvas = Image.new("RGB", (side, side), (0, 0, 0))
@@ -77,7 +102,8 @@ class EvalTransform:
 
     def normalize(self, crop: Image.Image) -> np.ndarray:
         """uint8 RGB crop -> normalised float32 [3, H, W], with torchvision's float32 arithmetic."""
-        pixels = np.asarray(crop.convert("RGB"), dtype=np.float32) * np.float32(1.0 / 255.0)
+        rgb = crop if crop.mode == "RGB" else crop.convert("RGB")
+        pixels = np.asarray(rgb, dtype=np.float32) * np.float32(1.0 / 255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
@@ -107,12 +133,26 @@ class PreparedImage:
 
 
 class Preprocessor:
-    """bytes -> :class:`PreparedImage` for one model: safe decoding + the evaluation transform."""
+    """bytes -> :class:`PreparedImage` for one model: safe decoding + the evaluation transform.
 
-    def __init__(self, transform: EvalTransform, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS):
+    A JPEG is decoded at the smallest reduced scale that keeps its shorter side at least
+    ``reduced_decode_margin`` x ``resize_size`` (so only JPEGs at least twice that large are reduced;
+    see the module's docstring); ``reduced_decode_margin=0`` decodes every image at full size.
+    """
+
+    def __init__(
+        self,
+        transform: EvalTransform,
+        max_pixels: int,
+        max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+        reduced_decode_margin: float = REDUCED_DECODE_MARGIN,
+    ):
         self.transform = transform
         self.max_pixels = max_pixels
         self.max_jpeg_scans = max_jpeg_scans
+        #: shorter side (pixels) a reduced decode keeps at least; 0: always decode at full size
+        target = max(transform.resize_size, transform.image_size)
+        self.min_decoded_side = math.ceil(reduced_decode_margin * target) if reduced_decode_margin > 0 else 0
 
     @classmethod
     def for_model(cls, spec, max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Preprocessor:
@@ -122,7 +162,8 @@ class Preprocessor:
 
     def prepare(self, data: bytes) -> PreparedImage:
         """Decode and transform one image (runs in a worker thread)."""
-        crop = self.transform.crop(decode_image(data, self.max_pixels, self.max_jpeg_scans))
+        decoded = decode_image_reduced(data, self.max_pixels, self.min_decoded_side, self.max_jpeg_scans)
+        crop = self.transform.crop(decoded.image, decoded.full_size, decoded.box)
         return PreparedImage(crop=crop, tensor=self.transform.normalize(crop))
 
     def prepare_crop(self, crop: Image.Image) -> PreparedImage:
