@@ -74,7 +74,7 @@ DATA_DIR = data_dir()
 #: the ServiceSettings fields recorded in the JSON's config (shared by the server and the raw run)
 RECORDED_SETTINGS = (
     "provider",
-    "use_fp16",
+    "precision",
     "intra_op_threads",
     "max_batch_size",
     "max_batch_wait_ms",

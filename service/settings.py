@@ -90,7 +90,6 @@ class ServiceSettings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution provider; auto = CUDA when a usable GPU is present, else CPU"
     )
-    use_fp16: bool = Field(True, description="serve model_fp16.onnx (when the folder has one) on the CUDA provider")
     precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",
         description="the model file served: auto = fp16 on CUDA when the folder has it, int8 on the CPU when its "
