@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "precision_cpu.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "root"):
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
     import torch

@@ -100,7 +100,7 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int | None = Field(
         None,
         ge=1,
-        description="most images in one onnxruntime call (default: 8 on the CPU, 32 on CUDA: measured best)",
+        description="most images in one onnxruntime call (default: 16 on the CPU, 32 on CUDA: measured best)",
     )
     max_batch_wait_ms: float = Field(
         5.0, ge=0, description="how long the first queued image waits for others to join its batch"

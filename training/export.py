@@ -57,8 +57,7 @@ MODEL_FILE = "model.onnx"
 FP16_FILE = "model_fp16.onnx"
 INPUT_NAME = "image"
 #: opset 20 has a native ``Gelu`` op: ONNX Runtime runs it as one kernel, where opset 18's erf
-#: expansion stays five unfused nodes (measured 5% faster in float32 and 2.36x against 2.17x in int8
-#: on ViT-S/16, ``benchmarks/int8.py``)
+#: expansion stays five unfused nodes (1-7% faster in float32, 7-18% in int8: ``benchmarks/precision.py``)
 DEFAULT_OPSET = 20
 #: opset 18 is the first whose Resize has ``antialias``, which timm's position-embedding resampling uses
 MIN_OPSET = 18
