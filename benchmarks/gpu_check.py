@@ -480,22 +480,26 @@ class GpuCheck:
     def photos_dir(self) -> Path:
         return self.data / "imagenet-sample"
 
-    def train_throughput(self) -> dict:
+    def _throughput_params(self, batch_sizes: list[int], compile_: bool) -> dict:
+        """The throughput worker's parameters, eager or compiled."""
         s = self.sizes
-        params = {
+        return {
             "worker": "throughput",
             "device": self.device,
             "dry_run": self.dry,
             "model": s["model"],
             "data": str(self.train_dir),
-            "batch_sizes": s["throughput_batches"],
+            "batch_sizes": batch_sizes,
             "warmup": s["warmup"],
             "steps": s["steps"],
-            "compile": False,
-            # the loader-inclusive measure, at the run's batch and worker count
-            "loader_batch": self.run_batch,
-            "num_workers": self.num_workers,
+            "compile": compile_,
+            "num_workers": 0,
         }
+
+    def train_throughput(self) -> dict:
+        params = self._throughput_params(self.sizes["throughput_batches"], compile_=False)
+        # the loader-inclusive measure, at the run's batch and worker count
+        params.update(loader_batch=self.run_batch, num_workers=self.num_workers)
         result = self.worker("train_throughput", params, self.timeout_for(150, keep=300))
         self.results.setdefault("summary", {})["train_img_s"] = {
             f"eager_b{r['batch']}": _round(r["img_s"], 1) for r in result["rows"]
@@ -505,19 +509,7 @@ class GpuCheck:
         return result
 
     def train_throughput_compiled(self) -> dict:
-        s = self.sizes
-        params = {
-            "worker": "throughput",
-            "device": self.device,
-            "dry_run": self.dry,
-            "model": s["model"],
-            "data": str(self.train_dir),
-            "batch_sizes": [s["compile_batch"]],
-            "warmup": s["warmup"],
-            "steps": s["steps"],
-            "compile": True,
-            "num_workers": 0,
-        }
+        params = self._throughput_params([self.sizes["compile_batch"]], compile_=True)
         timeout = self.timeout_for(COMPILE_CAP, keep=POST_RUN_RESERVE + RUN_OVERHEAD + 60)
         if timeout < 45:
             raise PartSkipped(f"out of time budget ({self.remaining():.0f} s left)")
