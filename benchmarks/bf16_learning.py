@@ -59,28 +59,21 @@ def loss_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40, help="steps per epoch (batch 64)")
-    parser.add_argument("--knn-images", type=int, default=1000, help="images of each k-NN split")
-    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bf16_learning")
-    parser.add_argument("--output", type=Path, default=RESULTS / "bf16_learning.json")
-    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --runs")
-    args = parser.parse_args(argv)
-    cifar = data_dir() / "cifar10"
-    if not (cifar / "train").is_dir():
-        print(f"bf16 learning check: {cifar}/train not found (set DINO_DATA_DIR)", file=sys.stderr)
-        return 1
+def run_dir(runs: Path, label: str) -> Path:
+    return runs / label.replace(" ", "_")
 
-    # the runs go side by side, one thread each: a learning check, not a speed one (two processes with
-    # two OpenMP threads each on a 2-core machine spin against each other and crawl)
+
+def train_side_by_side(args: argparse.Namespace, cifar: Path) -> int:
+    """The :data:`RUNS` as ``dino train`` processes side by side; the exit code (0: all finished).
+
+    One thread each: this is a learning check, not a speed one (two processes with two OpenMP threads
+    each on a 2-core machine spin against each other and crawl).
+    """
     args.runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
     processes = []
-    for label, precision, seed in [] if args.report_only else RUNS:
-        out = args.runs / label.replace(" ", "_")
+    for label, precision, seed in RUNS:
+        out = run_dir(args.runs, label)
         command = [
             sys.executable,
             "-m",
@@ -111,39 +104,47 @@ def main(argv: list[str] | None = None) -> int:
             "--knn-val",
             str(cifar / "test"),
         ]
-        sink = open(args.runs / f"{out.name}.out", "w")  # the run's progress bars and log
+        log_file = args.runs / f"{out.name}.out"  # the run's progress bars and log
         print(f"{label}: dino train --precision {precision} --seed {seed} -> {out}", flush=True)
-        processes.append(
-            (
-                label,
-                precision,
-                seed,
-                out,
-                sink,
-                subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT),
+        with open(log_file, "w") as sink:  # the child keeps its own copy of the descriptor
+            processes.append(
+                (label, log_file, subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT))
             )
-        )
-    if args.report_only:
-        processes = [(label, p, seed, args.runs / label.replace(" ", "_"), None, None) for label, p, seed in RUNS]
+    failed = [(label, log_file, code) for label, log_file, p in processes if (code := p.wait()) != 0]
+    for label, log_file, code in failed:
+        print(f"bf16 learning check: {label} failed (exit {code}); see {log_file}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="steps per epoch (batch 64)")
+    parser.add_argument("--knn-images", type=int, default=1000, help="images of each k-NN split")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bf16_learning")
+    parser.add_argument("--output", type=Path, default=RESULTS / "bf16_learning.json")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in --runs")
+    args = parser.parse_args(argv)
+    cifar = data_dir() / "cifar10"
+    if not (cifar / "train").is_dir():
+        print(f"bf16 learning check: {cifar}/train not found (set DINO_DATA_DIR)", file=sys.stderr)
+        return 1
+
+    seconds = None
+    if not args.report_only:
+        start = time.perf_counter()
+        code = train_side_by_side(args, cifar)
+        if code:
+            return code
+        seconds = round(time.perf_counter() - start)
     results = []
-    for label, precision, seed, out, sink, process in processes:
-        code = 0 if process is None else process.wait()
-        if sink is not None:
-            sink.close()
-        if code != 0:
-            print(f"bf16 learning check: {label} failed (exit {code}); see {sink.name}", file=sys.stderr)
+    for label, precision, seed in RUNS:
+        out = run_dir(args.runs, label)
+        if not (out / "log.jsonl").is_file():
+            print(f"bf16 learning check: {out}/log.jsonl not found (run without --report-only)", file=sys.stderr)
             return 1
-        results.append(
-            {
-                "run": label,
-                "precision": precision,
-                "seed": seed,
-                "knn_top1": knn_curve(out),
-                "loss": loss_curve(out),
-            }
-        )
-        print(f"  {label}: k-NN top-1 by epoch {results[-1]['knn_top1']}", flush=True)
-    seconds = time.perf_counter() - start
+        curves = {"knn_top1": knn_curve(out), "loss": loss_curve(out)}
+        results.append({"run": label, "precision": precision, "seed": seed, **curves})
 
     final = max(results[0]["knn_top1"])
     by_run = {r["run"]: r["knn_top1"][final] for r in results}
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "knn_images": args.knn_images,
         },
         "runs": results,
-        "wall_seconds": round(seconds),
+        "wall_seconds": seconds,  # None with --report-only
         "final_epoch": final,
         "bf16_minus_fp32_points": round(precision_gap, 2),
         "seed_to_seed_points": round(seed_noise, 2),

@@ -118,6 +118,8 @@ REQUIRED_MODULES = {
 }
 DEFAULT_DATA = REPO / "benchmarks" / "gpu_check_data"
 PAPER_CONFIG = REPO / "configs" / "vit_small16_paper.yaml"
+#: the keys of PAPER_CONFIG that make the measured model and its crops
+MODEL_KEYS = ("arch", "patch_size", "global_size", "local_size", "local_crops", "out_dim")
 RESULTS_FILE = "results.json"
 LOG_FILE = "gpu_check.log"
 MODEL_NAME = "dino-gpu-check"
@@ -146,17 +148,9 @@ FALLBACK_IMG_S = 300.0
 SHM_NEEDED_BYTES = 8 * 2**30
 
 SIZES: dict[str, dict[str, Any]] = {
-    # the paper's ViT-S/16 recipe (configs/vit_small16_paper.yaml, benchmarks/train_throughput.py CONFIGS["cuda"])
     "gpu": {
         "device": "cuda",
-        "model": {
-            "arch": "vit_small",
-            "patch_size": 16,
-            "global_size": 224,
-            "local_size": 96,
-            "local_crops": 8,
-            "out_dim": 65536,
-        },
+        "model": None,  # the paper's ViT-S/16 recipe: read from PAPER_CONFIG (paper_model)
         "throughput_batches": [64, 128],
         "warmup": 5,
         "steps": 20,
@@ -201,6 +195,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "grid_cell": 64,
     },
 }
+
+
+def paper_model() -> dict[str, Any]:
+    """The model and crops of the paper's recipe, as ``configs/vit_small16_paper.yaml`` has them."""
+    import yaml
+
+    config = yaml.safe_load(PAPER_CONFIG.read_text())
+    return {key: config[key] for key in MODEL_KEYS}
 
 
 class PartSkipped(Exception):
@@ -260,7 +262,9 @@ class GpuCheck:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.dry = bool(args.dry_run)
-        self.sizes = SIZES["dry" if self.dry else "gpu"]
+        self.sizes = dict(SIZES["dry" if self.dry else "gpu"])
+        if self.sizes["model"] is None:
+            self.sizes["model"] = paper_model()
         self.device = self.sizes["device"]
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget

@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+WARMUP = 2
 #: runs profiled after the warm-up (their kernel times are summed)
 RUNS = 6
 TOP = 14
@@ -41,20 +42,20 @@ def profile(path: Path, batch: int, threads: int) -> dict:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"image": np.random.default_rng(0).standard_normal((batch, 3, side, side)).astype(np.float32)}
-        for _ in range(2):
-            session.run(None, feed)
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "profile")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(RUNS):
+        feed = {"image": np.random.default_rng(0).standard_normal((batch, 3, side, side)).astype(np.float32)}
+        for _ in range(WARMUP + RUNS):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    # only the kernels of the runs after the warm-up (allocations and first-run costs are left out)
+    run_starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    measured_from = run_starts[WARMUP]
     time_by_op: Counter[str] = Counter()
     nodes_by_op: Counter[str] = Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= measured_from:
             op = event["args"]["op_name"]
             time_by_op[op] += event["dur"]
             nodes_by_op[op] += 1

@@ -75,22 +75,21 @@ class EvalTransform:
         full image lies in it), so that the crop shows what the full decode's crop shows.
         """
         width, height = full_size or img.size
+        box = box or (0.0, 0.0, float(img.size[0]), float(img.size[1]))  # Pillow's default: the whole image
         new_w, new_h = self.resized_size(width, height)
         side = self.image_size
         # Per axis: the window of the resized image that lands in the crop, and where it lands
         x0, x1, paste_x = _crop_window(new_w, side)
         y0, y1, paste_y = _crop_window(new_h, side)
-        reduced = (width, height) != img.size
-        if (new_w, new_h) == (width, height) and not reduced:
+        if (new_w, new_h) == (width, height) == img.size:
             window = img.crop((x0, y0, x1, y1))  # torchvision skips the resize when the size is unchanged
         elif new_w * new_h <= FULL_RESIZE_MAX_AREA * side * side:
             # the usual case: resize the whole image, then crop, exactly as torchvision does
-            window = img.resize((new_w, new_h), Image.Resampling.BICUBIC, box=box if reduced else None)
-            window = window.crop((x0, y0, x1, y1))
+            window = img.resize((new_w, new_h), Image.Resampling.BICUBIC, box=box).crop((x0, y0, x1, y1))
         else:
             # extreme aspect ratio: resample only the crop window (same filter and scale; the float
             # arithmetic of the window offset may move a few pixels by one grey level)
-            left, top, right, bottom = box if reduced and box else (0.0, 0.0, float(img.size[0]), float(img.size[1]))
+            left, top, right, bottom = box
             scale_x, scale_y = (right - left) / new_w, (bottom - top) / new_h
             window_box = (left + x0 * scale_x, top + y0 * scale_y, left + x1 * scale_x, top + y1 * scale_y)
             window = img.resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC, box=window_box)

@@ -230,8 +230,8 @@ def agreement_with_fp32(fp32: Any, int8: Any, input_name: str, batches: Sequence
         e32, a32 = fp32.run(["embedding", "attention"], {input_name: batch})
         e8, a8 = int8.run(["embedding", "attention"], {input_name: batch})
         cosines.append(np.sum(e32 * e8, axis=1) / (np.linalg.norm(e32, axis=1) * np.linalg.norm(e8, axis=1)))
-        x = a32.reshape(-1, a32.shape[-1]) - a32.reshape(-1, a32.shape[-1]).mean(axis=1, keepdims=True)
-        y = a8.reshape(-1, a8.shape[-1]) - a8.reshape(-1, a8.shape[-1]).mean(axis=1, keepdims=True)
+        x, y = (a.reshape(-1, a.shape[-1]) for a in (a32, a8))  # one row per image and head
+        x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
         correlations.append(np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12))
     cos, corr = np.concatenate(cosines), np.concatenate(correlations)
     return {
